@@ -1,0 +1,180 @@
+"""Norms whose statistics come from the batch: per-worker BatchNorm and Batch Renormalization.
+
+The paper's "batch size" is images per GPU: 8 GPUs each normalize their own N images, with
+BN statistics not synchronized. Here one device simulates W such workers: a batch of W·N
+images is viewed as (W, N, C, H, W) and every statistic is taken per worker, in one pass,
+without a Python loop over workers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_workers(x: torch.Tensor, workers: int, kind: str) -> torch.Tensor:
+    """View a (W·N, C, H, W) batch as (W, N, C, H, W), one slice per simulated worker.
+
+    Works for any memory format: splitting the leading dimension is always a view.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"{kind}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[0] % workers:
+        raise ValueError(
+            f"{kind}: a batch of {x.shape[0]} images cannot be split among workers={workers}; "
+            f"the batch must be a multiple of {workers} (per-worker batch × workers)"
+        )
+    xw = x.unflatten(0, (workers, x.shape[0] // workers))
+    if xw.shape[1] * xw.shape[3] * xw.shape[4] < 2:
+        raise ValueError(
+            f"{kind}: each worker sees a single value per channel (per-worker batch "
+            f"{xw.shape[1]} of {xw.shape[3]}×{xw.shape[4]} maps), so batch statistics are undefined; "
+            f"use a larger per-worker batch or a batch-independent norm (gn, ln, in, frn, evonorm_s0)"
+        )
+    return xw
+
+
+def worker_moments(xw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean per worker and channel of a (W, N, C, H, W) view, in float32."""
+    return torch.var_mean(xw.float(), dim=(1, 3, 4), correction=0)
+
+
+def per_channel(t: torch.Tensor) -> torch.Tensor:
+    """Shape a (W, C) or (C,) statistic to broadcast over (W, N, C, H, W)."""
+    return t.view(-1, 1, t.shape[-1], 1, 1)
+
+
+class PerWorkerBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with statistics per worker batch: the paper's multi-GPU BN, statistics not synced.
+
+    In training, a batch of W·N images is normalized as W independent groups of N, each by its
+    own mean and (biased) variance over (N, H, W), exactly as W GPUs running plain BN would.
+
+    Running statistics: each real worker would keep its own exponential moving average,
+    ``r_w ← (1 − m)·r_w + m·s_w``, with ``s_w`` its batch mean and its *unbiased* batch variance
+    (N·H·W/(N·H·W − 1) times the biased one), as ``nn.BatchNorm2d`` does. Averaging the W
+    buffers at the end, which is how the worker models are merged into one, gives the same
+    result as keeping a single buffer updated with the average of the W statistics,
+    ``r ← (1 − m)·r + m·mean_w(s_w)``, because the update is linear and all workers start equal.
+    That single buffer is what this layer keeps. ``momentum=None`` (cumulative average) is
+    linear too and is handled the same way.
+
+    With ``workers=1``, and whenever running statistics are used (eval mode), this is
+    ``nn.BatchNorm2d`` itself, bit for bit.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        workers: int = 1,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
+                         track_running_stats=track_running_stats)
+        self.workers = workers
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, workers={self.workers}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        uses_batch_stats = self.training or not self.track_running_stats
+        if self.workers == 1 or not uses_batch_stats:
+            return super().forward(x)
+        xw = split_workers(x, self.workers, "bn")
+        var, mean = worker_moments(xw)
+        if self.training and self.track_running_stats:
+            self._update_running_stats(mean, var, count=xw.shape[1] * xw.shape[3] * xw.shape[4])
+        scale = torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            scale = scale * self.weight
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        y = torch.addcmul(per_channel(shift).to(x.dtype), xw, per_channel(scale).to(x.dtype))
+        return y.flatten(0, 1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        unbiased = var * (count / (count - 1))
+        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
+
+
+class BatchRenorm2d(nn.Module):
+    """Batch Renormalization (Ioffe, NeurIPS 2017), with per-worker batch statistics.
+
+    Training: ``x̂ = (x − μ_B)/σ_B · r + d`` with ``σ_B = sqrt(var_B + eps)``,
+    ``r = clip(σ_B/σ, 1/r_max, r_max)`` and ``d = clip((μ_B − μ)/σ, −d_max, d_max)``, both
+    treated as constants by the gradient; then ``y = γ·x̂ + β``. The moving averages follow the
+    paper's Algorithm 1, ``μ += momentum·(μ_B − μ)`` and ``σ += momentum·(σ_B − σ)``, with
+    μ_B and σ_B averaged over workers as in :class:`PerWorkerBatchNorm2d`. Eval: ``y = γ(x − μ)/σ + β``.
+
+    Warm-up, as in the paper: for the first ``warmup_steps`` training steps r_max = 1 and
+    d_max = 0 (plain BN); over the next ``ramp_steps`` steps both limits grow linearly to
+    ``r_max`` and ``d_max``. The step count is ``num_batches_tracked``, saved with the model.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        workers: int = 1,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 5000,
+        ramp_steps: int = 20000,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+    ) -> None:
+        super().__init__()
+        if r_max < 1 or d_max < 0 or warmup_steps < 0 or ramp_steps < 0:
+            raise ValueError(
+                f"brn: need r_max >= 1, d_max >= 0, warmup_steps >= 0 and ramp_steps >= 0; got "
+                f"r_max={r_max}, d_max={d_max}, warmup_steps={warmup_steps}, ramp_steps={ramp_steps}"
+            )
+        self.num_features, self.workers, self.eps, self.momentum = num_features, workers, eps, momentum
+        self.r_max, self.d_max, self.warmup_steps, self.ramp_steps = r_max, d_max, warmup_steps, ramp_steps
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, workers={self.workers}, r_max={self.r_max}, d_max={self.d_max}, "
+                f"warmup_steps={self.warmup_steps}, ramp_steps={self.ramp_steps}, eps={self.eps}, "
+                f"momentum={self.momentum}")
+
+    def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) at the current training step, as tensors: no host sync in the step."""
+        done = self.num_batches_tracked.float() - self.warmup_steps
+        frac = (done / max(self.ramp_steps, 1)).clamp(0.0, 1.0) if self.ramp_steps else (done > 0).float()
+        return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            scale = self.weight / self.running_std
+            shift = self.bias - self.running_mean * scale
+            return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
+        xw = split_workers(x, self.workers, "brn")
+        var, mean = worker_moments(xw)
+        std = torch.sqrt(var + self.eps)
+        r_max, d_max = self.limits()
+        with torch.no_grad():
+            r = torch.minimum(torch.maximum(std / self.running_std, 1.0 / r_max), r_max)
+            d = torch.minimum(torch.maximum((mean - self.running_mean) / self.running_std, -d_max), d_max)
+            self.running_mean.lerp_(mean.mean(0), self.momentum)
+            self.running_std.lerp_(std.mean(0), self.momentum)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * r / std
+        shift = self.bias + self.weight * d - mean * scale
+        y = torch.addcmul(per_channel(shift).to(x.dtype), xw, per_channel(scale).to(x.dtype))
+        return y.flatten(0, 1)
+
