@@ -35,9 +35,14 @@ def split_workers(x: torch.Tensor, workers: int, kind: str) -> torch.Tensor:
     return xw
 
 
+def for_statistics(x: torch.Tensor) -> torch.Tensor:
+    """`x` in a precision fit for sums of squares: half precision is raised to float32."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def worker_moments(xw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean per worker and channel of a (W, N, C, H, W) view, in float32."""
-    return torch.var_mean(xw.float(), dim=(1, 3, 4), correction=0)
+    """Biased variance and mean per worker and channel of a (W, N, C, H, W) view, at least in float32."""
+    return torch.var_mean(for_statistics(xw), dim=(1, 3, 4), correction=0)
 
 
 def per_channel(t: torch.Tensor) -> torch.Tensor:
@@ -154,8 +159,8 @@ class BatchRenorm2d(nn.Module):
 
     def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) at the current training step, as tensors: no host sync in the step."""
-        done = self.num_batches_tracked.float() - self.warmup_steps
-        frac = (done / max(self.ramp_steps, 1)).clamp(0.0, 1.0) if self.ramp_steps else (done > 0).float()
+        ramped = self.num_batches_tracked.float() - self.warmup_steps + 1  # steps into the ramp, this one included
+        frac = (ramped / self.ramp_steps).clamp(0.0, 1.0) if self.ramp_steps else (ramped > 0).float()
         return 1.0 + (self.r_max - 1.0) * frac, self.d_max * frac
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

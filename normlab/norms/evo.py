@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms.batch import per_channel, split_workers, worker_moments
+from normlab.norms.batch import for_statistics, per_channel, split_workers, worker_moments
 from normlab.norms.group import resolve_groups
 
 
@@ -47,7 +47,7 @@ class EvoNormB0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.v is None:
             return torch.addcmul(_view(self.bias, x), x, _view(self.weight, x))
-        inst_var = x.float().var(dim=(2, 3), keepdim=True, correction=0)
+        inst_var = for_statistics(x).var(dim=(2, 3), keepdim=True, correction=0)
         right = torch.addcmul(torch.sqrt(inst_var + self.eps).to(x.dtype), x, _view(self.v, x))
         if self.training:
             xw = split_workers(x, self.workers, "evonorm_b0")
@@ -80,7 +80,7 @@ class EvoNormS0(nn.Module):
         if self.v is None:
             return torch.addcmul(_view(self.bias, x), x, _view(self.weight, x))
         xg = x.unflatten(1, (self.groups, -1))
-        group_var = xg.float().var(dim=(2, 3, 4), keepdim=True, correction=0)
+        group_var = for_statistics(xg).var(dim=(2, 3, 4), keepdim=True, correction=0)
         y = (xg * torch.sigmoid(xg * self.v.to(x.dtype).view(1, self.groups, -1, 1, 1))
              * torch.rsqrt(group_var + self.eps).to(x.dtype)).flatten(1, 2)
         return torch.addcmul(_view(self.bias, x), y, _view(self.weight, x))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from normlab.norms.batch import for_statistics
+
 
 class FilterResponseNorm2d(nn.Module):
     """FRN + TLU. ``learnable_eps=True`` learns ε as ``eps + |ε_l|`` (ε_l starts at 1e-4), the
@@ -31,7 +33,7 @@ class FilterResponseNorm2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps if self.learned_eps is None else self.eps + self.learned_eps.abs().view(1, -1, 1, 1)
-        nu2 = x.float().square().mean(dim=(2, 3), keepdim=True)
+        nu2 = for_statistics(x).square().mean(dim=(2, 3), keepdim=True)
         y = x * torch.rsqrt(nu2 + eps).to(x.dtype)
         y = torch.addcmul(self.bias.to(x.dtype).view(1, -1, 1, 1), y, self.weight.to(x.dtype).view(1, -1, 1, 1))
         if self.tau is not None:
