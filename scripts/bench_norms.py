@@ -3,9 +3,11 @@
 For each device (CPU, and CUDA when available) and each activation shape (N, C, H, W), every
 registered norm is built with ``build_norm(name, C)`` and timed as ``y = layer(x); y.backward(grad)``
 in train mode, with ``x`` requiring grad and a fixed random ``grad``. A row gives the median
-milliseconds per iteration over the repeats, after a warm-up, and the ratio to
-``torch.nn.BatchNorm2d`` on the same shape and device. Candidates compared with each other are
-timed interleaved (one iteration of each in turn), so that drift on the machine hits them alike.
+milliseconds per iteration, after a warm-up, and the ratio to ``torch.nn.BatchNorm2d`` on the
+same shape and device. Candidates compared with each other are timed interleaved (one iteration
+of each per round, in shuffled order), so that drift on the machine hits them alike; each group
+is timed for at least ``--repeats`` rounds, then for as many more as fit in ``--seconds`` (up
+to 100).
 
 Extra rows, on the first shape's C, H, W with a batch of W·N = 128 images, check these targets:
 
@@ -15,8 +17,8 @@ Extra rows, on the first shape's C, H, W with a batch of W·N = 128 images, chec
 - ``bn`` at W=8, N=16 (the paper's 8-worker protocol) is reported against ``nn.BatchNorm2d``;
 - ``gn``, ``ln`` and ``in`` are within 1.2× of ``nn.GroupNorm`` with the same number of groups.
 
-A missed target is reported as MISS; the script still exits 0. The default run takes well
-under a minute on 2 CPU cores.
+A missed target is reported as MISS; the script still exits 0. The default run takes about
+25 s on 2 CPU cores (3 groups × ``--seconds``, plus warm-up), more where a GPU adds its groups.
 
     python scripts/bench_norms.py
     python scripts/bench_norms.py --shapes 64x128x28x28 --norms bn gn --device cpu --repeats 9 --csv out.csv
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +46,7 @@ from normlab.norms import NORMS, REGISTRY, NormChannelError, build_norm  # noqa:
 DEFAULT_SHAPES = ("128x64x32x32", "32x256x14x14")
 TARGET_BATCH = 128  # W·N for the per-worker rows
 BN_LABEL = "nn.BatchNorm2d"
+MAX_REPEATS = 100
 
 Shape = tuple[int, int, int, int]
 
@@ -54,6 +58,16 @@ class Row:
     norm: str
     ms: float
     vs_bn: float  # ms / ms of nn.BatchNorm2d on the same shape and device
+    n: int  # timed iterations behind the median
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long each group of interleaved candidates is timed (see time_interleaved)."""
+
+    warmup: int
+    repeats: int
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -118,26 +132,38 @@ def fwd_bwd_seconds(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> fl
 
 
 def time_interleaved(layers: Sequence[nn.Module], shape: Shape, device: torch.device,
-                     warmup: int, repeats: int) -> list[float]:
-    """Median ms per forward+backward of each layer on one input, the layers taking turns."""
+                     budget: Budget) -> tuple[list[float], int]:
+    """Median ms per forward+backward of each layer on one input, and the number of timed rounds.
+
+    After `budget.warmup` untimed iterations of each layer, every round times one iteration of
+    each layer in turn, in a fresh random order (so that no layer always follows the same one, e.g.
+    a slow loop that lets the GPU idle): at least `budget.repeats` rounds, then more while the
+    rounds have taken less than `budget.seconds` in all, up to MAX_REPEATS.
+    """
     x = torch.randn(shape, device=device, requires_grad=True)
     grad = torch.randn(shape, device=device)
     layers = [layer.to(device).train() for layer in layers]
     for layer in layers:
-        for _ in range(warmup):
+        for _ in range(budget.warmup):
             fwd_bwd_seconds(layer, x, grad)
     seconds: list[list[float]] = [[] for _ in layers]
-    for _ in range(repeats):
-        for layer, times in zip(layers, seconds):
-            times.append(fwd_bwd_seconds(layer, x, grad))
-    return [1e3 * statistics.median(times) for times in seconds]
+    order = list(range(len(layers)))
+    rng = random.Random(0)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < budget.repeats or (rounds < MAX_REPEATS and time.perf_counter() - start < budget.seconds):
+        rng.shuffle(order)
+        for i in order:
+            seconds[i].append(fwd_bwd_seconds(layers[i], x, grad))
+        rounds += 1
+    return [1e3 * statistics.median(times) for times in seconds], rounds
 
 
-def bench_group(candidates: dict[str, nn.Module], shape: Shape, device: torch.device,
-                warmup: int, repeats: int) -> list[Row]:
+def bench_group(candidates: dict[str, nn.Module], shape: Shape, device: torch.device, budget: Budget) -> list[Row]:
     """Rows for `candidates` (label → layer) timed together; the ratio is to the BN_LABEL candidate."""
-    ms = dict(zip(candidates, time_interleaved(list(candidates.values()), shape, device, warmup, repeats)))
-    return [Row(str(device), shape, label, t, t / ms[BN_LABEL]) for label, t in ms.items()]
+    medians, rounds = time_interleaved(list(candidates.values()), shape, device, budget)
+    ms = dict(zip(candidates, medians))
+    return [Row(str(device), shape, label, t, t / ms[BN_LABEL], rounds) for label, t in ms.items()]
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -177,10 +203,13 @@ def target_candidates(channels: int) -> tuple[dict[str, nn.Module], list[Target]
         candidates[label] = layer
         return label
 
-    bn_w1 = add("bn (W=1, N=128)", build_norm("bn", channels, workers=1))
-    bn_w8 = add("bn (W=8, N=16)", build_norm("bn", channels, workers=8))
-    bn_w64 = add("bn (W=64, N=2)", build_norm("bn", channels, workers=64))
-    loop_w64 = add("loop-over-chunks bn (W=64, N=2)", ChunkLoopBatchNorm2d(channels, workers=64))
+    def per_worker(label: str, workers: int, layer: nn.Module) -> str:
+        return add(f"{label} (W={workers}, N={TARGET_BATCH // workers})", layer)
+
+    bn_w1 = per_worker("bn", 1, build_norm("bn", channels, workers=1))
+    bn_w8 = per_worker("bn", 8, build_norm("bn", channels, workers=8))
+    bn_w64 = per_worker("bn", 64, build_norm("bn", channels, workers=64))
+    loop_w64 = per_worker("loop-over-chunks bn", 64, ChunkLoopBatchNorm2d(channels, workers=64))
     targets += [
         Target("bn W=64: speedup over loop-over-chunks", bn_w64, loop_w64, 3.0, speedup=True),
         Target("bn W=1 / nn.BatchNorm2d", bn_w1, BN_LABEL, 1.3),
@@ -189,8 +218,9 @@ def target_candidates(channels: int) -> tuple[dict[str, nn.Module], list[Target]
     for name in ("gn", "ln", "in"):
         try:
             layer = build_norm(name, channels)
-        except NormChannelError:
-            continue  # already noted in the main table
+        except NormChannelError:  # C not divisible by G: no rows, the target shows as skipped
+            targets.append(Target(f"{name} / nn.GroupNorm", name, "nn.GroupNorm", 1.2))
+            continue
         norm = add(describe(name, layer), layer)
         reference = add(f"nn.GroupNorm (G={layer.num_groups})", nn.GroupNorm(layer.num_groups, channels))
         targets.append(Target(f"{name} / nn.GroupNorm", norm, reference, 1.2))
@@ -206,10 +236,10 @@ def format_shape(shape: Shape) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     """Rows in aligned columns, a blank line between devices/shapes."""
-    header = ("device", "shape", "norm", "ms", "vs BN")
-    cells = [(r.device, format_shape(r.shape), r.norm, f"{r.ms:.2f}", f"{r.vs_bn:.2f}x") for r in rows]
+    header = ("device", "shape", "norm", "ms", "vs BN", "n")
+    cells = [(r.device, format_shape(r.shape), r.norm, f"{r.ms:.2f}", f"{r.vs_bn:.2f}x", str(r.n)) for r in rows]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
-    aligns = ("<", "<", "<", ">", ">")
+    aligns = ("<", "<", "<", ">", ">", ">")
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, aligns, widths))
@@ -235,9 +265,9 @@ def print_targets(results: Sequence[tuple[str, Target, str, str]]) -> None:
 def write_csv(path: str, rows: Sequence[Row]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["device", "shape", "norm", "ms", "vs_bn"])
+        writer.writerow(["device", "shape", "norm", "ms", "vs_bn", "n"])
         for r in rows:
-            writer.writerow([r.device, format_shape(r.shape), r.norm, f"{r.ms:.4f}", f"{r.vs_bn:.4f}"])
+            writer.writerow([r.device, format_shape(r.shape), r.norm, f"{r.ms:.4f}", f"{r.vs_bn:.4f}", r.n])
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -261,15 +291,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"registry names (default: all of {', '.join(NORMS)})")
     parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
                         help="all: CPU, and CUDA when available (default)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed iterations per layer (default: 3)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed iterations per layer, at least (default: 3)")
+    parser.add_argument("--seconds", type=float, default=6.0,
+                        help=f"keep timing each group of layers for this long, up to {MAX_REPEATS} "
+                             "iterations per layer (default: 6; 0: exactly --repeats)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per layer first (default: 1)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 0 or args.seconds < 0:
+        parser.error("--repeats must be >= 1, --warmup and --seconds >= 0")
     return args
 
 
@@ -283,8 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"median of {args.repeats} after {args.warmup} warm-up, forward+backward, train mode\n")
+    budget = Budget(args.warmup, args.repeats, args.seconds)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; forward+backward in train mode, "
+          f"ms = median of n iterations after {args.warmup} warm-up, layers of a group interleaved\n")
 
     rows: list[Row] = []
     notes: list[str] = []
@@ -295,9 +330,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for shape in args.shapes:
             candidates, skipped = registry_candidates(args.norms, shape[1])
             notes += [f"{device} {format_shape(shape)}: {note}" for note in skipped]
-            rows += bench_group(candidates, shape, device, args.warmup, args.repeats)
+            rows += bench_group(candidates, shape, device, budget)
         candidates, targets = target_candidates(channels)
-        target_rows = bench_group(candidates, target_shape, device, args.warmup, args.repeats)
+        target_rows = bench_group(candidates, target_shape, device, budget)
         rows += target_rows
         by_label = {r.norm: r for r in target_rows}
         target_results += [(str(device), t, *t.evaluate(by_label)) for t in targets]

@@ -88,9 +88,11 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         uses_batch_stats = self.training or not self.track_running_stats
-        if self.workers == 1 or not uses_batch_stats:
+        if not uses_batch_stats:
             return super().forward(x)
-        xw = split_workers(x, self.workers, "bn")
+        xw = split_workers(x, self.workers, "bn")  # also checks the shape, before torch's terser check
+        if self.workers == 1:
+            return super().forward(x)
         var, mean = worker_moments(xw)
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, var, count=xw.shape[1] * xw.shape[3] * xw.shape[4])
@@ -106,7 +108,9 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
         self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        factor = self.momentum
+        if factor is None:  # cumulative average, as a tensor: no host sync
+            factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         unbiased = var * (count / (count - 1))
         self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
