@@ -1,0 +1,266 @@
+"""Typed config schemas (Hydra's ConfigStore) and ``validate(cfg)``, the one place invariants are checked.
+
+Every config group has a dataclass schema, so a misspelt key or a wrong type fails at start-up
+with Hydra's own message. The norm schemas are generated from the norm registry, so each
+``conf/norm/<name>.yaml`` takes exactly the options its layer takes. Whatever a single group
+cannot check alone (groups vs every layer's channels, the per-worker batch vs the norm, a data
+path that does not exist) is checked by :func:`validate` before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from normlab.norms import REGISTRY
+
+# Options that the model binds itself, not the user: W comes from batch.workers, and whether a
+# norm-activation layer applies its activation depends on where it sits in the block.
+MODEL_BOUND_NORM_OPTIONS = ("workers", "apply_act")
+
+
+class ConfigError(ValueError):
+    """Bad input, found before any work starts. The message names the key, the value and what is valid."""
+
+
+# ---------------------------------------------------------------- group schemas
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet20"
+    width: Optional[int] = None  # CIFAR ResNet-(6n+2) only: stage widths width, 2·width, 4·width (default 16)
+    shortcut: Optional[str] = None  # CIFAR ResNet-(6n+2) only: "A" (zero-padding, default) or "B" (projection)
+    zero_init_last: bool = True
+
+
+@dataclass
+class BatchConfig:
+    per_worker: int = 32  # N: the normalization batch, the paper's "batch size"
+    workers: int = 8  # W: workers simulated on one device; the optimizer step sees N·W images
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    root: Optional[str] = None  # cifar: the torchvision root; imagefolder: a folder or a .zip
+    download: bool = False
+    image_size: Optional[int] = None  # imagefolder: resize (shorter side) and center-crop to this size
+    num_classes: Optional[int] = None  # imagefolder: a seeded subset of this many classes; synthetic: classes
+    classes: Optional[list[str]] = None  # imagefolder: an explicit class list (folder names)
+    class_seed: int = 0  # imagefolder: the seed that picks num_classes classes
+    num_train: int = 512  # synthetic only
+    num_test: int = 128  # synthetic only
+    channels: int = 3  # synthetic only
+    size: int = 32  # synthetic only: height and width
+    augment: bool = True  # random crop with padding and horizontal flip, per sample, on the device
+    crop_padding: Optional[int] = None  # default: size/8 (4 for 32×32, 1 for 8×8)
+    in_memory_max_gb: float = 4.0  # imagefolder: larger decoded sets stream through a DataLoader
+    loader_workers: int = 4  # DataLoader workers for streamed image folders
+    cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default ~/.cache/normlab)
+    eval_batch: int = 512
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 0.1  # the paper: 0.1 at a total batch of 256 (32 images × 8 GPUs)
+    base_batch: int = 256
+    lr: Optional[float] = None  # None: linear scaling rule, base_lr · N·W / base_batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    decay_norm_and_bias: bool = True  # the paper decays γ and β too; false excludes norms and biases
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"  # step | cosine
+    milestones: list[float] = field(default_factory=lambda: [0.3, 0.6, 0.9])  # step: fractions of training
+    gamma: float = 0.1  # step: factor at each milestone
+    min_lr_factor: float = 0.0  # cosine: final lr as a fraction of the peak
+    warmup_epochs: float = 0.0  # linear warm-up, in epochs (fractions allowed)
+    warmup_start_factor: float = 0.1  # warm-up starts at this fraction of the peak lr
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    eval_every: int = 1  # evaluate every k epochs (and always after the last)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: str = "auto"  # auto | true | false
+    threads: Optional[int] = None  # CPU threads; None keeps torch's default
+    checkpoint: bool = True  # atomic checkpoint at each epoch end, for resume
+    force: bool = False  # rerun even when summary.json says done
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    progress: str = "auto"  # auto (a bar only on a terminal) | true | false
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "normlab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+    dir: Optional[str] = None  # default: the run directory
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    norm: Any = MISSING
+    data: DataConfig = MISSING
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    name: str = "train"  # the experiment's name: W&B group, results/<name>/...
+
+
+# ---------------------------------------------------------------- norm schemas from the registry
+
+def _config_type(annotation: Any) -> Any:
+    """A type OmegaConf accepts: ``int | None`` becomes ``Optional[int]``."""
+    if isinstance(annotation, types.UnionType):
+        args = [a for a in annotation.__args__ if a is not type(None)]
+        return Optional[args[0]] if len(args) == 1 else Any
+    return annotation
+
+
+def norm_schema(name: str) -> type:
+    """A dataclass with ``name`` and every option of the norm's layer, with the layer's defaults."""
+    spec = REGISTRY[name]
+    factory = spec.layer.__init__ if isinstance(spec.layer, type) else spec.layer
+    hints = typing.get_type_hints(factory)
+    fields = [("name", str, field(default=name))]
+    for option, default in spec.options.items():
+        if option not in MODEL_BOUND_NORM_OPTIONS:
+            fields.append((option, _config_type(hints.get(option, Any)), field(default=default)))
+    return dataclasses.make_dataclass(f"{name.title().replace('_', '')}NormConfig", fields)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore. The yaml files in conf/ extend them by name."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, schema in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
+                          ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+    for name in REGISTRY:
+        cs.store(group="norm", name=f"{name}_schema", node=norm_schema(name))
+
+
+# ---------------------------------------------------------------- derived values
+
+@dataclass(frozen=True)
+class Effective:
+    """Values derived from the config, logged at start and recorded with the results."""
+
+    total_batch: int
+    lr: float
+
+
+def effective(cfg: DictConfig) -> Effective:
+    total = cfg.batch.per_worker * cfg.batch.workers
+    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * total / cfg.optim.base_batch
+    return Effective(total_batch=total, lr=float(lr))
+
+
+def norm_options(cfg: DictConfig) -> dict[str, Any]:
+    """The norm node as a plain mapping for ``build_model``, unset (None) options left out."""
+    node = OmegaConf.to_container(cfg.norm, resolve=True)
+    return {k: v for k, v in node.items() if v is not None}
+
+
+def model_options(cfg: DictConfig) -> dict[str, Any]:
+    """The model's own options (unset ones left out), for ``build_model``."""
+    options = {k: cfg.model[k] for k in ("width", "shortcut") if cfg.model[k] is not None}
+    return options
+
+
+# ---------------------------------------------------------------- validate
+
+def _check(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the invariants across groups, before any data is read. Raises ConfigError."""
+    from normlab.data import describe
+
+    _check(cfg.batch.per_worker >= 1, "batch.per_worker", cfg.batch.per_worker, "need at least 1 image per worker")
+    _check(cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers, "need at least 1 worker")
+    _check(cfg.trainer.epochs >= 1, "trainer.epochs", cfg.trainer.epochs, "need at least 1 epoch")
+    _check(cfg.trainer.eval_every >= 1, "trainer.eval_every", cfg.trainer.eval_every, "must be >= 1")
+    _check(cfg.trainer.precision in ("auto", "fp32", "bf16"), "trainer.precision", cfg.trainer.precision,
+           "valid: auto, fp32, bf16")
+    _check(str(cfg.trainer.channels_last).lower() in ("auto", "true", "false"), "trainer.channels_last",
+           cfg.trainer.channels_last, "valid: auto, true, false")
+    _check(cfg.schedule.name in ("step", "cosine"), "schedule.name", cfg.schedule.name, "valid: step, cosine")
+    _check(all(0 < m < 1 for m in cfg.schedule.milestones), "schedule.milestones", list(cfg.schedule.milestones),
+           "milestones are fractions of training, each between 0 and 1")
+    _check(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0")
+    _check(cfg.optim.base_batch >= 1, "optim.base_batch", cfg.optim.base_batch, "must be >= 1")
+    _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
+           "must be in [0, 1)")
+    _check(cfg.logger.name in ("none", "wandb"), "logger.name", cfg.logger.name, "valid: none, wandb")
+    _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+           "valid: offline, online, disabled")
+    _check_device(cfg.trainer.device)
+    shape = describe(cfg.data)  # checks the data name, its options and that its files exist
+    _check_model(cfg, shape)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    _check(device == "auto" or device == "cpu" or device.startswith("cuda"), "trainer.device", device,
+           "valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device!r} is invalid: CUDA is not available here; use auto or cpu")
+
+
+def _check_model(cfg: DictConfig, shape) -> None:
+    """Build the model on the meta device and run one training batch through it: shapes only, no memory.
+
+    This is where the norm meets every layer: G against each layer's channels, and batch statistics
+    against the per-worker batch and each feature map's size.
+    """
+    import torch
+
+    from normlab.models import build_model
+
+    norm = norm_options(cfg)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.name, shape.num_classes, norm, workers=cfg.batch.workers,
+                                in_chans=shape.channels, **model_options(cfg))
+    except ValueError as e:
+        raise ConfigError(f"norm={cfg.norm.name} cannot be built into model={cfg.model.name}: {e}") from None
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
+             for path, m in model.named_modules() if path]
+    batch = torch.empty(cfg.batch.per_worker * cfg.batch.workers, shape.channels, shape.size, shape.size,
+                        device="meta")
+    try:
+        model.train()(batch)
+    except ValueError as e:
+        layer = entered[-1] if entered else "the model"
+        raise ConfigError(
+            f"batch.per_worker={cfg.batch.per_worker} cannot work with norm={cfg.norm.name} in "
+            f"{cfg.model.name}: at {layer}, {e}"
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()

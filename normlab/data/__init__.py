@@ -1,0 +1,58 @@
+"""Data by name: ``describe(cfg.data)`` (shape, checked, nothing read) and ``build(...)`` (loaders)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from normlab.data.device_loader import DeviceLoader, Normalize
+from normlab.data.sources import SOURCES, DataShape, source
+
+
+IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+@dataclass
+class Loaders:
+    train: object  # DeviceLoader or StreamLoader: .epoch(k), len(), .num_samples
+    test: object
+    shape: DataShape
+    classes: list[str]
+
+
+def describe(cfg) -> DataShape:
+    return source(cfg.name).describe(cfg)
+
+
+def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_last: bool = False) -> Loaders:
+    """The train loader (batches of exactly `batch_size`) and the test loader, on `device`."""
+    src = source(cfg.name)
+    shape = src.describe(cfg)
+    padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, shape.size // 8)
+    if cfg.name == "imagefolder" and not src.fits_in_memory(cfg):
+        return _streamed(cfg, batch_size, device, seed, channels_last, shape)
+    data = src.load(cfg)
+    normalize = Normalize(*data.mean_std(), device, channels_last)
+
+    def loader(images, labels, train):
+        return DeviceLoader(images.to(device), labels.to(device), batch_size if train else cfg.eval_batch,
+                            normalize, train=train, augment=cfg.augment, padding=padding, seed=seed)
+
+    return Loaders(loader(data.train_images, data.train_labels, True),
+                   loader(data.test_images, data.test_labels, False), shape, data.classes)
+
+
+def _streamed(cfg, batch_size, device, seed, channels_last, shape) -> Loaders:
+    from normlab.data.imagefolder import select
+    from normlab.data.stream_loader import StreamLoader
+
+    selection = select(cfg)
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, device, channels_last)  # too large to measure up front
+    common = dict(device=device, normalize=normalize, seed=seed, workers=cfg.loader_workers)
+    return Loaders(StreamLoader(selection, "train", batch_size, train=True, **common),
+                   StreamLoader(selection, selection.test_split, cfg.eval_batch, train=False, **common),
+                   shape, selection.classes)
+
+
+__all__ = ["SOURCES", "DataShape", "DeviceLoader", "Loaders", "build", "describe"]

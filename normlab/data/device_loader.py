@@ -1,0 +1,89 @@
+"""Batches of an in-memory image set, kept as uint8 on the training device and augmented there.
+
+A small-batch sweep takes thousands of steps per epoch; a DataLoader of PIL images spends most of
+each one in Python. Here the whole set sits on the device, a batch is one index, and random crop
+(with zero padding) and horizontal flip are drawn per sample but applied to the batch at once.
+Every epoch's order and augmentation come from a generator seeded by (seed, epoch), so an epoch
+is the same whether or not the run was interrupted before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per sample: a random crop of the zero-padded image, at its original size, flipped with p=0.5."""
+    b, _, h, w = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding, padding, padding, padding))
+        offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device)
+        rows = offsets[0] + torch.arange(h, device=device)  # (B, H)
+        cols = offsets[1] + torch.arange(w, device=device)  # (B, W)
+        batch = torch.arange(b, device=device)[:, None, None]
+        images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B,H,W,C)→(B,C,H,W)
+    flip = torch.rand(b, generator=generator, device=device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+class Normalize:
+    """uint8 (B, C, H, W) on the device → float, ``(x/255 − mean)/std`` per channel, in one fused op."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, device: torch.device, channels_last: bool = False):
+        self.scale = (1.0 / (255.0 * std)).view(1, -1, 1, 1).to(device)
+        self.shift = (-mean / std).view(1, -1, 1, 1).to(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.addcmul(self.shift, images.float(), self.scale)
+        return x.contiguous(memory_format=self.memory_format)
+
+
+class DeviceLoader:
+    """Iterate (images, labels) batches: float, normalized, on the device.
+
+    Training loaders shuffle, augment and drop the last partial batch (every step sees exactly
+    N·W images, so the workers split evenly); evaluation loaders do none of these.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize, *,
+                 train: bool, augment: bool = True, padding: int = 0, seed: int = 0) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.train, self.augment, self.padding, self.seed = batch_size, train, augment, padding, seed
+        self.normalize = normalize
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        if not self.train:
+            for start in range(0, self.num_samples, self.batch_size):
+                end = start + self.batch_size
+                yield self.normalize(self.images[start:end]), self.labels[start:end]
+            return
+        generator = epoch_generator(self.seed, epoch, self.images.device)
+        order = torch.randperm(self.num_samples, generator=generator, device=self.images.device)
+        for step in range(len(self)):
+            index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = random_crop_flip(images, self.padding, generator)
+            yield self.normalize(images), self.labels[index]

@@ -1,0 +1,183 @@
+"""Image-folder data: a ``train/`` + ``val/`` (or ``test/``) tree of class folders, or a ``.zip`` of one.
+
+This covers ImageNet subsets (Imagenette; N classes picked from a class list, or ``num_classes``
+with a seed) at any image size, and the CIFAR-10 JPEG zip. Images are resized (shorter side) and
+center-cropped to ``image_size``. A set small enough is decoded once, cached on disk as uint8, and
+trained from device memory; a larger one streams through a DataLoader with workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+from PIL import Image
+
+from normlab.config import ConfigError
+from normlab.data.sources import DataShape, ImageSet
+from normlab.records import atomic_write
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
+TEST_SPLITS = ("val", "test")
+
+
+class ImageTree:
+    """Lists and reads the image files of a folder or a zip; safe to use from DataLoader workers."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(os.path.expanduser(str(path)))
+        self.is_zip = self.path.suffix.lower() == ".zip"
+        self._zip: zipfile.ZipFile | None = None
+        self._zip_pid = -1
+        names = self._names()
+        self.splits = self._find_splits(names)
+
+    def _names(self) -> list[str]:
+        if self.is_zip:
+            return [n for n in self._archive().namelist() if not n.endswith("/")]
+        return [str(p.relative_to(self.path).as_posix()) for p in self.path.rglob("*") if p.is_file()]
+
+    def _archive(self) -> zipfile.ZipFile:
+        if self._zip is None or self._zip_pid != os.getpid():  # one handle per process
+            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+        return self._zip
+
+    def __getstate__(self):
+        return {**self.__dict__, "_zip": None, "_zip_pid": -1}
+
+    @staticmethod
+    def _find_splits(names: list[str]) -> dict[str, dict[str, list[str]]]:
+        """{split: {class: [file, ...]}} for files at <prefix>/<split>/<class>/<file>."""
+        splits: dict[str, dict[str, list[str]]] = {}
+        for name in sorted(names):
+            parts = PurePosixPath(name).parts
+            if len(parts) < 3 or PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            split, cls = parts[-3], parts[-2]
+            splits.setdefault(split, {}).setdefault(cls, []).append(name)
+        return splits
+
+    def read(self, name: str) -> bytes:
+        if self.is_zip:
+            return self._archive().read(name)
+        return (self.path / name).read_bytes()
+
+    def open_image(self, name: str) -> Image.Image:
+        return Image.open(io.BytesIO(self.read(name))).convert("RGB")
+
+
+def fit(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to `size`, then center-crop to size × size."""
+    w, h = image.size
+    if min(w, h) != size:
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = image.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return image.crop((left, top, left + size, top + size)) if (w, h) != (size, size) else image
+
+
+@dataclass
+class Selection:
+    """What the config picks out of a tree: the splits, the classes, the image size."""
+
+    tree: ImageTree
+    test_split: str
+    classes: list[str]
+    size: int
+
+    def files(self, split: str) -> tuple[list[str], list[int]]:
+        names, labels = [], []
+        for label, cls in enumerate(self.classes):
+            found = self.tree.splits[split].get(cls, [])
+            names += found
+            labels += [label] * len(found)
+        return names, labels
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(self.files(s)[0]) for s in ("train", self.test_split))
+
+
+def select(cfg) -> Selection:
+    """Check the settings against the tree (ConfigError naming the key) and pick classes and size."""
+    if not cfg.root:
+        raise ConfigError("data.root=None is invalid: imagefolder needs data.root, a folder or a .zip "
+                          "holding train/<class>/ and val/<class>/ (or test/<class>/)")
+    path = Path(os.path.expanduser(cfg.root))
+    if not path.exists():
+        raise ConfigError(f"data.root={cfg.root!r} does not exist (data.download=false; image folders are never "
+                          f"downloaded); point data.root at a folder or .zip with train/ and val/ or test/")
+    tree = ImageTree(path)
+    test_split = next((s for s in TEST_SPLITS if s in tree.splits), None)
+    if "train" not in tree.splits or test_split is None:
+        raise ConfigError(f"data.root={cfg.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "
+                          f"val/ or test/, each with one folder of images per class")
+    available = sorted(tree.splits["train"])
+    if cfg.classes:
+        missing = [c for c in cfg.classes if c not in available]
+        if missing:
+            raise ConfigError(f"data.classes has {missing}, not found in {cfg.root}; available: {available[:20]}"
+                              f"{' ...' if len(available) > 20 else ''}")
+        classes = list(cfg.classes)
+    elif cfg.num_classes:
+        if not 1 <= cfg.num_classes <= len(available):
+            raise ConfigError(f"data.num_classes={cfg.num_classes} is invalid: {cfg.root} has {len(available)} classes")
+        classes = sorted(random.Random(cfg.class_seed).sample(available, cfg.num_classes))
+    else:
+        classes = available
+    size = cfg.image_size
+    if size is None:
+        first = tree.splits["train"][classes[0]][0]
+        size = min(tree.open_image(first).size)
+    elif size < 1:
+        raise ConfigError(f"data.image_size={size} is invalid: must be >= 1")
+    return Selection(tree, test_split, classes, size)
+
+
+def decode(selection: Selection, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    names, labels = selection.files(split)
+    images = torch.empty(len(names), 3, selection.size, selection.size, dtype=torch.uint8)
+    for i, name in enumerate(names):
+        array = torch.frombuffer(bytearray(fit(selection.tree.open_image(name), selection.size).tobytes()),
+                                 dtype=torch.uint8)
+        images[i] = array.view(selection.size, selection.size, 3).permute(2, 0, 1)
+    return images, torch.tensor(labels, dtype=torch.long)
+
+
+def cache_path(cfg, selection: Selection) -> Path:
+    stat = selection.tree.path.stat()
+    key = f"{selection.tree.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{selection.size}|{selection.classes}"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/normlab"))
+    return root / f"imagefolder-{selection.tree.path.stem}-{selection.size}px-{digest}.pt"
+
+
+class ImageFolderSource:
+    def describe(self, cfg) -> DataShape:
+        selection = select(cfg)
+        return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes))
+
+    def fits_in_memory(self, cfg) -> bool:
+        selection = select(cfg)
+        return selection.num_images * 3 * selection.size ** 2 <= cfg.in_memory_max_gb * 1e9
+
+    def load(self, cfg) -> ImageSet:
+        """Decode every selected image once; later runs read the uint8 cache."""
+        selection = select(cfg)
+        path = cache_path(cfg, selection)
+        if path.exists():
+            cached = torch.load(path)
+            return ImageSet(**cached)
+        train_images, train_labels = decode(selection, "train")
+        test_images, test_labels = decode(selection, selection.test_split)
+        image_set = ImageSet(train_images, train_labels, test_images, test_labels, selection.classes)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(vars(image_set), f))
+        return image_set

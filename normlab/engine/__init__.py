@@ -1,0 +1,1 @@
+"""Training: the optimizer and schedule, the train/eval loop, checkpoints, and the run that ties them."""

@@ -1,0 +1,42 @@
+"""Atomic checkpoints: everything needed to continue a run exactly where it stopped."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from normlab.records import atomic_write
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule, epoch: int,
+                    metrics: list[dict], wall_time_s: float) -> None:
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+        "epoch": epoch, "metrics": metrics, "wall_time_s": wall_time_s, "rng": rng_state(),
+    }
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule) -> dict[str, Any]:
+    """Restore model, optimizer, schedule and RNG; return the rest (epoch, metrics, wall_time_s)."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    set_rng_state(state["rng"])
+    return {"epoch": state["epoch"], "metrics": state["metrics"], "wall_time_s": state["wall_time_s"]}

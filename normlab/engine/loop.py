@@ -1,0 +1,84 @@
+"""One training epoch and one evaluation pass.
+
+Losses and counts accumulate on the device and are read once at the end: no host-device sync per
+step. The progress callback, when given, may read them every few steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass
+class Totals:
+    """Sums over an epoch, kept on the device."""
+
+    loss: torch.Tensor
+    errors: torch.Tensor
+    errors_top5: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Totals":
+        z = lambda: torch.zeros((), device=device, dtype=torch.float64)  # noqa: E731
+        return cls(z(), z(), z())
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.loss += loss_sum.detach().double()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            self.errors += (top[:, 0] != labels).sum()
+            self.errors_top5 += (~(top == labels[:, None]).any(dim=1)).sum()
+        self.count += len(labels)
+
+    def read(self) -> dict[str, float]:
+        """Mean loss and top-1/top-5 error in %, read from the device once."""
+        loss, errors, errors5 = torch.stack([self.loss, self.errors, self.errors_top5]).tolist()
+        n = max(1, self.count)
+        return {"loss": loss / n, "error": 100.0 * errors / n, "error_top5": 100.0 * errors5 / n}
+
+
+def train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, schedule, *, device: torch.device,
+                precision: str, label_smoothing: float = 0.0,
+                progress: Callable[[int, Totals], None] | None = None) -> tuple[dict[str, float], float]:
+    """Train on every batch once. Returns the epoch's mean metrics and its wall time in seconds."""
+    model.train()
+    totals = Totals.zeros(device)
+    start = time.perf_counter()
+    for step, (images, labels) in enumerate(batches, 1):
+        with autocast(device, precision):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        totals.add(logits, labels, loss * len(labels))
+        if progress is not None:
+            progress(step, totals)
+    metrics = totals.read()  # the one sync of the epoch
+    return metrics, time.perf_counter() - start
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, *, device: torch.device, precision: str) -> dict[str, float]:
+    model.eval()
+    totals = Totals.zeros(device)
+    for images, labels in batches:
+        with autocast(device, precision):
+            logits = model(images)
+        totals.add(logits, labels, F.cross_entropy(logits.float(), labels, reduction="sum"))
+    return totals.read()

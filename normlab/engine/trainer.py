@@ -1,0 +1,224 @@
+"""One training run, start to finish: skip or resume, build, train, evaluate, record.
+
+``train(cfg, run_dir)`` is what the Hydra app calls for each job. Its results are the files of
+``records.RunDir``; loggers only watch. A NaN/inf loss ends the run as ``diverged``; an exception
+ends it as ``failed`` (and is re-raised). Either way, what was recorded before stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import normlab
+from normlab import data as datasets
+from normlab.config import effective, model_options, norm_options
+from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+from normlab.engine.loop import evaluate, train_epoch
+from normlab.engine.optim import build_optimizer, build_schedule
+from normlab.loggers import build_logger
+from normlab.loggers.progress import ProgressBar
+from normlab.models import build_model
+from normlab.norms.group import DEFAULT_GROUPS
+from normlab.records import RunDir, append_metrics, write_json, write_metrics
+
+log = logging.getLogger("normlab")
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    if setting == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return setting
+
+
+def resolve_channels_last(setting: Any, device: torch.device) -> bool:
+    if str(setting).lower() == "auto":
+        return device.type == "cuda"
+    return str(setting).lower() == "true"
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(normlab.__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_name(cfg: DictConfig) -> str:
+    """A readable job name: ``gn-G32-N4xW8-s0``."""
+    norm = cfg.norm.name
+    if cfg.norm.get("groups") is not None:
+        norm += f"-G{cfg.norm.groups}"
+    if cfg.norm.get("group_size") is not None:
+        norm += f"-C{cfg.norm.group_size}"
+    return f"{norm}-N{cfg.batch.per_worker}xW{cfg.batch.workers}-s{cfg.seed}"
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """The flat keys that identify a run in the summary, the report and W&B.
+
+    ``groups``/``group_size`` are the values in effect: 32 groups for a GN left at its default, and
+    the paper's reading of LN (G=1) and IN (one channel per group).
+    """
+    eff = effective(cfg)
+    groups, group_size = cfg.norm.get("groups"), cfg.norm.get("group_size")
+    if "groups" in cfg.norm and groups is None and group_size is None:
+        groups = DEFAULT_GROUPS
+    groups, group_size = {"ln": (1, None), "in": (None, 1)}.get(cfg.norm.name, (groups, group_size))
+    return {
+        "experiment": cfg.name, "model": cfg.model.name, "norm": cfg.norm.name,
+        "groups": groups, "group_size": group_size,
+        "per_worker_batch": cfg.batch.per_worker, "workers": cfg.batch.workers, "total_batch": eff.total_batch,
+        "lr": eff.lr, "data": cfg.data.name, "seed": cfg.seed, "epochs_planned": cfg.trainer.epochs,
+    }
+
+
+def median_of_last(rows: list[dict], key: str, n: int = 5) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None][-n:]
+    return statistics.median(values) if values else None
+
+
+def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float, extra: dict) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("val_error") is not None]
+    return {
+        "status": status,
+        "val_error": evaluated[-1]["val_error"] if evaluated else None,
+        "val_error_median5": median_of_last(evaluated, "val_error"),
+        "best_val_error": min((r["val_error"] for r in evaluated), default=None),
+        "epochs": len(rows), "wall_time_s": round(wall_time_s, 3),
+        **identity(cfg), **extra,
+        "normlab_version": normlab.__version__, "git_commit": git_commit(),
+    }
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Run one job into `run_dir`. Returns its summary, or None when it was already done."""
+    records = RunDir(run_dir)
+    records.path.mkdir(parents=True, exist_ok=True)
+    if records.is_done() and not cfg.trainer.force:
+        log.info("skipping %s: summary.json says done (trainer.force=true reruns it)", records.path)
+        return None
+    if cfg.trainer.force:
+        for path in (records.summary, records.metrics, records.checkpoint):
+            path.unlink(missing_ok=True)
+    OmegaConf.save(cfg, records.config, resolve=True)
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = resolve_device(cfg.trainer.device)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    eff = effective(cfg)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
+    status, rows, wall_time = "failed", [], 0.0
+    extra: dict[str, Any] = {"device": device.type, "precision": precision,
+                             "memory_format": "channels_last" if channels_last else "contiguous"}
+    try:
+        loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
+        model = build_model(cfg.model.name, loaders.shape.num_classes, norm_options(cfg), workers=cfg.batch.workers,
+                            zero_init_last=cfg.model.zero_init_last, in_chans=loaders.shape.channels,
+                            **model_options(cfg)).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        steps = len(loaders.train)
+        if steps == 0:
+            raise ValueError(f"the training set has {loaders.train.num_samples} images, fewer than one total batch "
+                             f"of {eff.total_batch}; lower batch.per_worker or batch.workers")
+        optimizer = build_optimizer(model, cfg.optim, eff.lr)
+        schedule = build_schedule(optimizer, cfg.schedule, steps, cfg.trainer.epochs)
+        extra.update(train_size=loaders.train.num_samples, test_size=loaders.test.num_samples,
+                     steps_per_epoch=steps, num_classes=loaders.shape.num_classes)
+
+        start_epoch = 0
+        if records.checkpoint.exists():
+            state = load_checkpoint(records.checkpoint, model=model, optimizer=optimizer, schedule=schedule)
+            start_epoch, rows, wall_time = state["epoch"], state["metrics"], state["wall_time_s"]
+            write_metrics(records.metrics, rows)  # drop any epoch logged after the checkpoint
+            log.info("resuming %s after epoch %d", records.path, start_epoch)
+        else:
+            records.metrics.unlink(missing_ok=True)
+
+        log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · lr %.4g · %d steps/epoch · %s %s%s",
+                 cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, cfg.batch.workers,
+                 eff.total_batch, eff.lr, steps, device, precision, " channels_last" if channels_last else "")
+
+        bar = ProgressBar(ProgressBar.wanted(cfg.trainer.progress))
+        status = "done"
+        for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics, epoch_time = train_epoch(
+                model, loaders.train.epoch(epoch), optimizer, schedule, device=device, precision=precision,
+                label_smoothing=cfg.optim.label_smoothing,
+                progress=bar.epoch(epoch, cfg.trainer.epochs, steps, eff.total_batch))
+            wall_time += epoch_time
+            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
+                   "val_loss": None, "val_error": None, "lr": lr,
+                   "images_per_sec": steps * eff.total_batch / epoch_time, "epoch_time_s": epoch_time}
+            if not math.isfinite(train_metrics["loss"]):
+                status = "diverged"
+                extra["diverged_epoch"] = epoch
+            elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
+                val = evaluate(model, loaders.test.epoch(epoch), device=device, precision=precision)
+                row.update(val_loss=val["loss"], val_error=val["error"])
+                if loaders.shape.num_classes > 10:
+                    row["val_error_top5"] = val["error_top5"]
+            rows.append(row)
+            append_metrics(records.metrics, row)
+            logger.log_epoch(row)
+            log.info("epoch %d/%d: train loss %.4f error %.2f%% · val error %s · %.0f img/s", epoch,
+                     cfg.trainer.epochs, row["train_loss"], row["train_error"],
+                     "-" if row["val_error"] is None else f"{row['val_error']:.2f}%", row["images_per_sec"])
+            if status == "diverged":
+                log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"],
+                            epoch)
+                break
+            if cfg.trainer.checkpoint:
+                save_checkpoint(records.checkpoint, model=model, optimizer=optimizer, schedule=schedule,
+                                epoch=epoch, metrics=rows, wall_time_s=wall_time)
+    except BaseException as e:
+        status = "failed"
+        extra["error"] = f"{type(e).__name__}: {e}"
+        summary = summarize(cfg, rows, status, wall_time, extra)
+        write_json(records.summary, summary)
+        logger.log_summary(summary)
+        logger.finish(exit_code=1)
+        raise
+    summary = summarize(cfg, rows, status, wall_time, extra)
+    write_json(records.summary, summary)
+    logger.log_summary(summary)
+    logger.finish()
+    log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
+             summary["val_error_median5"], wall_time, records.summary)
+    return summary

@@ -1,0 +1,101 @@
+"""The run directory: the one contract between training and analysis.
+
+```
+<run_dir>/
+  config.yaml      the resolved config
+  metrics.jsonl    one JSON object per epoch (METRIC_KEYS, and val_error_top5 for > 10 classes)
+  summary.json     written once at the end, atomically: status, final metrics, identifying config
+  checkpoint.pt    model, optimizer, schedule, RNG state and metrics so far, for resume
+```
+Every file that a reader may see half-written is written to a temporary file and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"
+METRIC_KEYS = ("epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "images_per_sec", "epoch_time_s")
+STATUSES = ("done", "diverged", "failed")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf are not JSON: write them as null (the status says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    text = json.dumps({k: _json_safe(v) for k, v in data.items()}, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_metrics(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Write all epoch rows at once (atomically), e.g. to realign the file with a checkpoint."""
+    text = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in rows)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def append_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete line of a metrics file; a torn last line (a killed writer) is skipped."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class RunDir:
+    """Paths of one run's records."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.config, self.metrics = self.path / CONFIG, self.path / METRICS
+        self.summary, self.checkpoint = self.path / SUMMARY, self.path / CHECKPOINT
+
+    def read_summary(self) -> dict[str, Any] | None:
+        return read_json(self.summary)
+
+    def is_done(self) -> bool:
+        summary = self.read_summary()
+        return summary is not None and summary.get("status") == "done"

@@ -1,0 +1,124 @@
+"""Config composition, typed schemas, the batch protocol's derived values, and validate()'s errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from normlab.config import ConfigError, effective, validate
+from normlab.models import MODELS
+from normlab.norms import NORMS
+from tests.conftest import REPO, TINY, compose_config, run_cli
+
+GROUPS = ["model", "norm", "data", "optim", "schedule", "trainer", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"])
+    assert cfg[group] is not None
+
+
+def test_the_registries_and_the_config_groups_agree():
+    assert set(options("norm")) == set(NORMS)
+    assert set(options("model")) == set(MODELS)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")))
+def test_every_experiment_composes_from_the_experiments_folder(experiment):
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.name == experiment
+
+
+def test_defaults_reproduce_the_paper_protocol():
+    cfg = compose_config()
+    assert (cfg.batch.per_worker, cfg.batch.workers) == (32, 8)
+    eff = effective(cfg)
+    assert eff.total_batch == 256 and eff.lr == pytest.approx(0.1)
+    assert cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4 and cfg.optim.decay_norm_and_bias
+    assert list(cfg.schedule.milestones) == [0.3, 0.6, 0.9]
+
+
+@pytest.mark.parametrize("n, w, lr", [(32, 8, 0.1), (2, 8, 0.00625), (4, 1, 0.0015625), (16, 4, 0.025)])
+def test_linear_scaling_rule(n, w, lr):
+    cfg = compose_config([f"batch.per_worker={n}", f"batch.workers={w}"])
+    assert effective(cfg).lr == pytest.approx(0.1 * n * w / 256) == pytest.approx(lr)
+    assert effective(compose_config([f"batch.per_worker={n}", "optim.lr=0.3"])).lr == 0.3
+
+
+@pytest.mark.parametrize("override, error", [
+    ("norm.gropus=4", ConfigCompositionException),
+    ("trainer.epoch=3", ConfigCompositionException),
+    ("batch.per_worker=many", ConfigCompositionException),
+    ("optim.momentum=fast", ConfigCompositionException),
+])
+def test_typos_and_wrong_types_fail_at_composition(override, error):
+    with pytest.raises(error) as err:
+        compose_config([override])
+    assert isinstance(err.value.__cause__, OmegaConfBaseException)
+
+
+def test_norm_schema_takes_only_that_norms_options():
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["norm=ln", "norm.groups=4"])
+    cfg = compose_config(["norm=gn", "norm.group_size=16"])
+    assert cfg.norm.group_size == 16 and cfg.norm.groups is None
+
+
+# ---------------------------------------------------------------- validate: bad input, named
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch.per_worker=0"], r"batch\.per_worker=0 is invalid: need at least 1 image per worker"),
+    (["batch.workers=0"], r"batch\.workers=0 is invalid: need at least 1 worker"),
+    (["trainer.epochs=0"], r"trainer\.epochs=0 is invalid: need at least 1 epoch"),
+    (["data=cifar10", "data.root=/nonexistent/cifar"],
+     r"data\.root='/nonexistent/cifar' does not hold CIFAR-10 .* and data\.download=false; set data\.download=true"),
+    (["data=imagefolder", "data.root=/nonexistent/tree.zip"],
+     r"data\.root='/nonexistent/tree\.zip' does not exist"),
+    (["model=resnet20", "norm=gn"],
+     r"(?s)norm=gn cannot be built into model=resnet20: resnet20: the norm does not fit 7 layer\(s\):\n"
+     r".*layer1\.0\.bn2.*groups=32 does not divide num_channels=16"),
+    (["data=synthetic", "data.size=4", "model=resnet20", "batch.per_worker=1", "batch.workers=4"],
+     r"batch\.per_worker=1 cannot work with norm=bn in resnet20: at layer3\.\d\.bn\d, bn: each worker sees a "
+     r"single value per channel .*use a larger per-worker batch or a batch-independent norm"),
+    (["data=synthetic", "data.size=32", "model=imagenet_resnet18", "batch.per_worker=1", "batch.workers=1"],
+     r"batch\.per_worker=1 cannot work with norm=bn in imagenet_resnet18: at layer4"),
+    (["+norm.gropus=4"], r"bn: unknown option\(s\) gropus=4; bn takes: "),  # forced past the schema with '+'
+    (["trainer.device=tpu"], r"trainer\.device='tpu' is invalid: valid: auto, cpu, cuda, cuda:N"),
+])
+def test_validate_names_the_key_and_what_is_valid(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides))
+
+
+def test_per_worker_batch_of_one_is_fine_where_feature_maps_are_larger():
+    validate(compose_config(TINY + ["batch.per_worker=1", "batch.workers=8"]))
+    validate(compose_config(["data=synthetic", "data.size=32", "model=resnet20", "batch.per_worker=1",
+                             "norm=gn", "norm.groups=8"]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["norm=groupnorm"], "Could not find 'norm/groupnorm'"),
+    (["model=resnet19"], "Could not find 'model/resnet19'"),
+    (["data=mnist"], "Could not find 'data/mnist'"),
+])
+def test_unknown_group_names_fail_with_hydras_message(args, message):
+    result = run_cli(*args, "--cfg", "job")
+    assert result.returncode != 0 and message in result.stderr
+    assert "Available options" in result.stderr
+
+
+def test_bad_input_on_the_cli_is_a_short_message_and_exit_2(tmp_path: Path):
+    result = run_cli(*TINY, "batch.per_worker=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "normlab-train: error: batch.per_worker=0 is invalid: need at least 1 image per worker")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "metrics.jsonl").exists()
