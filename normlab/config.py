@@ -57,8 +57,9 @@ class DataConfig:
     num_test: int = 128  # synthetic only
     channels: int = 3  # synthetic only
     size: int = 32  # synthetic only: height and width
-    augment: bool = True  # random crop with padding and horizontal flip, per sample, on the device
+    augment: bool = True  # random crop with padding (and flip), drawn per sample, applied on the device
     crop_padding: Optional[int] = None  # default: size/8 (4 for 32×32, 1 for 8×8)
+    flip: bool = True  # horizontal flips in the augmentation (off for digits: they are not mirror-symmetric)
     in_memory_max_gb: float = 4.0  # imagefolder: larger decoded sets stream through a DataLoader
     loader_workers: int = 4  # DataLoader workers for streamed image folders
     cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default ~/.cache/normlab)

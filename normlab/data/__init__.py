@@ -37,7 +37,8 @@ def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_las
 
     def loader(images, labels, train):
         return DeviceLoader(images.to(device), labels.to(device), batch_size if train else cfg.eval_batch,
-                            normalize, train=train, augment=cfg.augment, padding=padding, seed=seed)
+                            normalize, train=train, augment=cfg.augment, padding=padding, flip=cfg.flip,
+                            seed=seed)
 
     return Loaders(loader(data.train_images, data.train_labels, True),
                    loader(data.test_images, data.test_labels, False), shape, data.classes)

@@ -21,8 +21,9 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per sample: a random crop of the zero-padded image, at its original size, flipped with p=0.5."""
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per sample: a random crop of the zero-padded image, at its original size, and (if `flip`) a
+    horizontal flip with p=0.5."""
     b, _, h, w = images.shape
     device = images.device
     if padding:
@@ -32,8 +33,10 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
         cols = offsets[1] + torch.arange(w, device=device)  # (B, W)
         batch = torch.arange(b, device=device)[:, None, None]
         images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B,H,W,C)→(B,C,H,W)
-    flip = torch.rand(b, generator=generator, device=device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+    if not flip:
+        return images
+    flipped = torch.rand(b, generator=generator, device=device) < 0.5
+    return torch.where(flipped[:, None, None, None], images.flip(3), images)
 
 
 class Normalize:
@@ -57,11 +60,12 @@ class DeviceLoader:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize, *,
-                 train: bool, augment: bool = True, padding: int = 0, seed: int = 0) -> None:
+                 train: bool, augment: bool = True, padding: int = 0, flip: bool = True, seed: int = 0) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels = images, labels
-        self.batch_size, self.train, self.augment, self.padding, self.seed = batch_size, train, augment, padding, seed
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.padding, self.flip = padding, flip
         self.normalize = normalize
 
     @property
@@ -85,5 +89,5 @@ class DeviceLoader:
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
             images = self.images[index]
             if self.augment:
-                images = random_crop_flip(images, self.padding, generator)
+                images = random_crop_flip(images, self.padding, self.flip, generator)
             yield self.normalize(images), self.labels[index]

@@ -25,7 +25,7 @@ class WandbLogger:
                 project=cfg.project, entity=cfg.entity, group=resolved_config.get("name"),
                 job_type=resolved_config["norm"]["name"], name=run_name, config=resolved_config,
                 tags=list(cfg.tags), mode=cfg.mode, dir=str(cfg.dir or run_dir), reinit="finish_previous",
-                settings=wandb.Settings(start_method="thread", init_timeout=60),
+                settings=wandb.Settings(init_timeout=60),
             )
         except Exception as e:  # noqa: BLE001 - an observer must never stop training
             self._disable(f"W&B init failed ({type(e).__name__}: {e})")

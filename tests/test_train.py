@@ -1,0 +1,205 @@
+"""Training runs end to end: every norm, records on disk, divergence, resume after a kill, skip-done, W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from normlab.engine.trainer import train
+from normlab.norms import NORMS
+from normlab.records import METRIC_KEYS, read_metrics
+from tests.conftest import REPO, TINY, compose_config, run_cli
+
+TIMING_KEYS = {"images_per_sec", "epoch_time_s"}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_one_epoch_synthetic_run_for_every_norm(norm, tiny, tmp_path):
+    summary = train(tiny(f"norm={norm}"), tmp_path)
+    assert summary["status"] == "done" and summary["norm"] == norm
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(rows) == 1 and set(METRIC_KEYS) <= set(rows[0])
+    assert rows[0]["val_error"] is not None
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_summary_holds_the_identifying_config_and_the_papers_metric(tiny, tmp_path):
+    summary = train(tiny("norm=gn", "norm.groups=8", "trainer.epochs=7", "seed=3"), tmp_path)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    errors = [r["val_error"] for r in rows]
+    assert summary["val_error"] == errors[-1]
+    assert summary["val_error_median5"] == sorted(errors[-5:])[2]
+    assert summary["best_val_error"] == min(errors)
+    assert {k: summary[k] for k in ("model", "norm", "groups", "group_size", "per_worker_batch", "workers",
+                                    "total_batch", "data", "seed", "experiment", "epochs")} == {
+        "model": "resnet8", "norm": "gn", "groups": 8, "group_size": None, "per_worker_batch": 4, "workers": 2,
+        "total_batch": 8, "data": "synthetic", "seed": 3, "experiment": "train", "epochs": 7}
+    assert summary["lr"] == pytest.approx(0.1 * 8 / 256)
+    assert summary["normlab_version"] and "git_commit" in summary
+    assert [r["lr"] for r in rows][0] == pytest.approx(summary["lr"])
+
+
+def test_lr_steps_down_tenfold_at_30_60_90_percent(tiny, tmp_path):
+    train(tiny("trainer.epochs=10"), tmp_path)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    base = 0.1 * 8 / 256
+    expected = [base] * 3 + [base / 10] * 3 + [base / 100] * 3 + [base / 1000]
+    assert lrs == pytest.approx(expected)
+
+
+def test_eval_every_k_epochs_and_after_the_last(tiny, tmp_path):
+    train(tiny("trainer.epochs=5", "trainer.eval_every=2"), tmp_path)
+    evaluated = [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["val_error"] is not None]
+    assert evaluated == [2, 4, 5]
+
+
+def test_top5_error_is_logged_for_more_than_10_classes(tiny, tmp_path):
+    train(tiny("data.num_classes=20"), tmp_path)
+    row = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert 0 <= row["val_error_top5"] <= row["val_error"]
+
+
+def test_a_nan_loss_ends_the_run_as_diverged(tiny, tmp_path):
+    summary = train(tiny("norm=none", "optim.lr=1e12", "trainer.epochs=5"), tmp_path)
+    assert summary["status"] == "diverged" and summary["diverged_epoch"] == 1
+    assert summary["epochs"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_a_done_run_is_skipped_and_force_reruns_it(tiny, tmp_path):
+    first = train(tiny(), tmp_path)
+    assert train(tiny(), tmp_path) is None
+    assert json.loads((tmp_path / "summary.json").read_text()) == first
+    again = train(tiny("trainer.force=true"), tmp_path)
+    assert again["status"] == "done" and len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_digits_smoke_learns(tmp_path):
+    cfg = compose_config(["model=resnet8", "model.width=16", "norm=gn", "norm.groups=8", "batch.per_worker=16",
+                          "batch.workers=2", "trainer.epochs=8", "schedule=cosine", "optim.lr=0.1", "trainer.progress=false"])
+    summary = train(cfg, tmp_path)
+    assert summary["train_size"] == 1437 and summary["test_size"] == 360
+    assert summary["val_error"] < 15.0  # chance is 90%
+
+
+def test_results_equal_after_a_kill_and_resume(tmp_path):
+    """Kill a run with SIGKILL after two checkpoints; rerun it; the metrics equal an uninterrupted run's."""
+    args = ["data=synthetic", "data.num_train=768", "data.size=16", "model=resnet8", "batch.per_worker=8",
+            "batch.workers=2", "trainer.epochs=5", "trainer.progress=false", "trainer.threads=1"]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "normlab.train", *args, f"hydra.run.dir={killed}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if len(read_metrics(killed / "metrics.jsonl")) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "summary.json").exists()
+
+    resumed = run_cli(*args, f"hydra.run.dir={killed}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr + resumed.stdout
+    assert run_cli(*args, f"hydra.run.dir={clean}").returncode == 0
+
+    def comparable(rows):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+    assert comparable(read_metrics(killed / "metrics.jsonl")) == comparable(read_metrics(clean / "metrics.jsonl"))
+    assert len(read_metrics(clean / "metrics.jsonl")) == 5
+    done = [json.loads((d / "summary.json").read_text()) for d in (killed, clean)]
+    assert done[0]["val_error"] == done[1]["val_error"] and done[0]["status"] == "done"
+
+
+def test_skip_done_on_the_cli(tmp_path):
+    first = run_cli(*TINY, f"hydra.run.dir={tmp_path}")
+    assert first.returncode == 0, first.stderr
+    second = run_cli(*TINY, f"hydra.run.dir={tmp_path}")
+    assert second.returncode == 0 and "summary.json says done" in second.stderr + second.stdout
+
+
+def test_multirun_goes_on_past_an_invalid_job(tmp_path):
+    result = run_cli("-m", *TINY, "model.width=16", "norm=gn", "norm.groups=8,32",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")}
+    assert [s["groups"] for s in summaries.values()] == [8]
+    assert "invalid job, skipped" in result.stderr + result.stdout
+
+
+def read_wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B transaction log (.wandb), read the plain way: a LevelDB-style log of
+    32 KiB blocks, each record behind a 7-byte header (crc, length, type: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, chunk = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):
+            pos += left
+            continue
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last piece of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def test_wandb_offline_run_records_the_logged_keys(tiny, tmp_path):
+    pytest.importorskip("wandb")
+    summary = train(tiny("logger=wandb", "logger.mode=offline", "trainer.epochs=2", "name=wbtest"), tmp_path)
+    assert summary["status"] == "done"
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history, summary_keys, config_keys = [], set(), set()
+    for record in read_wandb_records(next(runs[0].glob("*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "summary":
+            summary_keys |= {_key(item) for item in record.summary.update}
+        elif kind == "run":
+            config_keys |= {_key(item) for item in record.run.config.update}
+            assert (record.run.run_group, record.run.job_type) == ("wbtest", "bn")
+            assert record.run.display_name == "bn-N4xW2-s0"
+    assert len(history) == 2 and {"epoch", "train_loss", "val_error", "lr", "images_per_sec"} <= set(history[0])
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert {"status", "val_error", "val_error_median5", "best_val_error"} <= summary_keys
+    assert {"norm", "batch", "model", "data"} <= config_keys
+
+
+def test_wandb_failure_never_stops_training(tiny, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb":
+            raise ImportError("wandb is not installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    summary = train(tiny("logger=wandb"), tmp_path)
+    assert summary["status"] == "done"
