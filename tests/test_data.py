@@ -1,0 +1,215 @@
+"""Data: the device loader against a slow per-sample reference, and every source on data made here."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from normlab import data as datasets
+from normlab.config import ConfigError, DataConfig
+from normlab.data.device_loader import DeviceLoader, Normalize, epoch_generator, random_crop_flip
+
+CIFAR10_JPEG = os.environ.get("NORMLAB_CIFAR10_JPEG", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
+                                                          "cifar10-jpeg.zip"))
+
+
+def data_cfg(**kwargs):
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), kwargs)
+
+
+# ---------------------------------------------------------------- batched augmentation
+
+def test_crop_and_flip_match_a_per_sample_loop():
+    images = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop_flip(images, padding=2, flip=True, generator=torch.Generator().manual_seed(7))
+
+    g = torch.Generator().manual_seed(7)  # replay the same draws, one sample at a time
+    offsets = torch.randint(0, 5, (2, 16, 1), generator=g)
+    flips = torch.rand(16, generator=g) < 0.5
+    for i in range(16):
+        padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
+        dy, dx = int(offsets[0, i, 0]), int(offsets[1, i, 0])
+        crop = padded[:, dy:dy + 8, dx:dx + 8]
+        if flips[i]:
+            crop = crop.flip(2)
+        assert torch.equal(out[i], crop), i
+    assert len({(int(offsets[0, i]), int(offsets[1, i]), bool(flips[i])) for i in range(16)}) > 4  # per sample
+
+
+def test_train_loader_shuffles_deterministically_per_epoch_and_drops_the_last_partial_batch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    labels = torch.arange(10)
+    loader = DeviceLoader(images, labels, 4, Normalize(torch.zeros(1), torch.ones(1) / 255, "cpu"), train=True,
+                          augment=False, seed=1)
+    assert len(loader) == 2
+    epoch1 = [y.tolist() for _, y in loader.epoch(1)]
+    assert epoch1 == [y.tolist() for _, y in loader.epoch(1)]
+    assert epoch1 != [y.tolist() for _, y in loader.epoch(2)]
+    for x, y in loader.epoch(3):
+        assert torch.equal(x[:, 0, 0, 0], y.float())  # images stay with their labels; normalize is x/255·255
+    assert all(len(y) == 4 for _, y in loader.epoch(1))
+
+
+def test_eval_loader_keeps_order_and_every_sample():
+    images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(10), 4, Normalize(torch.zeros(1), torch.ones(1), "cpu"), train=False)
+    assert [y.tolist() for _, y in loader.epoch(1)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_normalize_uses_the_training_sets_mean_and_std():
+    loaders = datasets.build(data_cfg(name="synthetic", num_train=256, num_test=64, size=8, augment=False), 32,
+                             torch.device("cpu"),
+                             seed=0)
+    x = torch.cat([x for x, _ in loaders.train.epoch(1)])
+    assert x.mean().item() == pytest.approx(0.0, abs=0.05)
+    assert x.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_epoch_generator_differs_by_seed_and_epoch():
+    draws = {(s, e): torch.rand(3, generator=epoch_generator(s, e, torch.device("cpu"))).tolist()
+             for s in range(3) for e in range(3)}
+    assert len({tuple(v) for v in draws.values()}) == 9
+
+
+# ---------------------------------------------------------------- sources
+
+def test_digits_split_is_fixed_and_stratified():
+    a = datasets.SOURCES["digits"]().load(data_cfg(name="digits"))
+    b = datasets.SOURCES["digits"]().load(data_cfg(name="digits"))
+    assert (len(a.train_labels), len(a.test_labels)) == (1437, 360)
+    assert torch.equal(a.train_images, b.train_images) and a.train_images.dtype == torch.uint8
+    assert a.train_images.shape[1:] == (1, 8, 8) and int(a.train_images.max()) == 255
+    assert torch.bincount(a.test_labels).min() >= 35
+
+
+def write_fake_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> None:
+    """The torchvision CIFAR-10 pickle layout, with random content."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        batch = {"data": rng.integers(0, 256, (n_train, 3072), dtype=np.uint8), "labels": list(range(n_train))}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps({k: v for k, v in batch.items()}))
+    test = {"data": rng.integers(0, 256, (n_test, 3072), dtype=np.uint8), "labels": [3] * n_test}
+    (folder / "test_batch").write_bytes(pickle.dumps(test))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+def test_cifar_loads_torchvisions_layout_as_uint8_nchw(tmp_path, monkeypatch):
+    from torchvision.datasets import cifar
+
+    write_fake_cifar10(tmp_path)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *args: True)  # our files, not the real md5s
+    cfg = data_cfg(name="cifar10", root=str(tmp_path))
+    assert datasets.describe(cfg).num_classes == 10
+    image_set = datasets.SOURCES["cifar10"]().load(cfg)
+    assert image_set.train_images.shape == (100, 3, 32, 32) and image_set.test_images.shape == (10, 3, 32, 32)
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"][0]
+    assert torch.equal(image_set.test_images[0], torch.from_numpy(raw.reshape(3, 32, 32)))
+    assert image_set.classes == [f"c{i}" for i in range(10)]
+
+
+def write_image_tree(root: Path, classes=("cat", "dog", "emu"), per_class=(6, 3), size=(12, 10),
+                     test_split="val") -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class[0]), (test_split, per_class[1])):
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.full((size[1], size[0], 3), 40 * label, dtype=np.uint8) + rng.integers(0, 9, (size[1], size[0], 3),
+                                                                                                     dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+
+
+def zip_tree(root: Path, target: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(target, "w") as zf:
+        for path in sorted(root.rglob("*.png")):
+            zf.write(path, prefix + path.relative_to(root).as_posix())
+    return target
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_imagefolder_reads_a_tree_or_a_zip(tmp_path, as_zip):
+    tree = tmp_path / "tree"
+    write_image_tree(tree)
+    root = zip_tree(tree, tmp_path / "tree.zip", prefix="wrapped/") if as_zip else tree
+    cfg = data_cfg(name="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3)
+    image_set = datasets.SOURCES["imagefolder"]().load(cfg)
+    assert image_set.train_images.shape == (18, 3, 8, 8) and image_set.test_images.shape == (9, 3, 8, 8)
+    assert image_set.classes == ["cat", "dog", "emu"]
+    assert image_set.train_labels.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    means = [image_set.train_images[image_set.train_labels == c].float().mean().item() for c in range(3)]
+    assert means[0] < means[1] < means[2]  # each class folder's pixels went to its label
+    assert list((tmp_path / "cache").glob("*.pt"))  # decoded once, cached
+    again = datasets.SOURCES["imagefolder"]().load(cfg)
+    assert torch.equal(again.train_images, image_set.train_images)
+
+
+def test_imagefolder_picks_a_seeded_class_subset_or_a_class_list(tmp_path):
+    write_image_tree(tmp_path / "t", classes=("a", "b", "c", "d", "e"), test_split="test")
+    base = dict(name="imagefolder", root=str(tmp_path / "t"), image_size=8, cache_dir=str(tmp_path / "c"))
+    picked = datasets.SOURCES["imagefolder"]().load(data_cfg(num_classes=3, class_seed=1, **base)).classes
+    assert len(picked) == 3 and picked == sorted(picked)
+    assert picked == datasets.SOURCES["imagefolder"]().load(data_cfg(num_classes=3, class_seed=1, **base)).classes
+    listed = datasets.SOURCES["imagefolder"]().load(data_cfg(classes=["e", "b"], **base))
+    assert listed.classes == ["e", "b"] and listed.train_labels.tolist() == [0] * 6 + [1] * 6
+
+
+def test_imagefolder_default_size_is_the_first_images_shorter_side(tmp_path):
+    write_image_tree(tmp_path / "t", size=(12, 10))
+    assert datasets.describe(data_cfg(name="imagefolder", root=str(tmp_path / "t"))).size == 10
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"root": None}, r"data\.root=None is invalid: imagefolder needs data\.root"),
+    ({"root": "/no/such/folder"}, r"data\.root='/no/such/folder' does not exist"),
+    ({"classes": ["cat", "yak"]}, r"data\.classes has \['yak'\], not found"),
+    ({"num_classes": 9}, r"data\.num_classes=9 is invalid: .* has 3 classes"),
+])
+def test_imagefolder_bad_settings_are_named(tmp_path, setting, message):
+    write_image_tree(tmp_path / "t")
+    cfg = data_cfg(**{"name": "imagefolder", "root": str(tmp_path / "t"), **setting})
+    with pytest.raises(ConfigError, match=message):
+        datasets.describe(cfg)
+
+
+def test_imagefolder_without_a_test_split_is_named(tmp_path):
+    write_image_tree(tmp_path / "t", test_split="holdout")
+    with pytest.raises(ConfigError, match=r"holds splits \['holdout', 'train'\]; need train/ and val/ or test/"):
+        datasets.describe(data_cfg(name="imagefolder", root=str(tmp_path / "t")))
+
+
+def test_large_imagefolder_streams_through_a_dataloader(tmp_path):
+    write_image_tree(tmp_path / "t")
+    cfg = data_cfg(name="imagefolder", root=str(tmp_path / "t"), image_size=8, in_memory_max_gb=0.0,
+                   loader_workers=0, eval_batch=4)
+    loaders = datasets.build(cfg, 4, torch.device("cpu"), seed=0)
+    assert type(loaders.train).__name__ == "StreamLoader"
+    batches = list(loaders.train.epoch(1))
+    assert len(batches) == len(loaders.train) == 4 and batches[0][0].shape == (4, 3, 8, 8)
+    assert batches[0][0].dtype == torch.float32
+    assert sum(len(y) for _, y in loaders.test.epoch(1)) == 9
+
+
+@pytest.mark.slow
+def test_the_real_cifar10_jpeg_zip(tmp_path):
+    if not Path(CIFAR10_JPEG).exists():
+        pytest.skip(f"the CIFAR-10 JPEG zip is not at {CIFAR10_JPEG}; set NORMLAB_CIFAR10_JPEG to its path")
+    cfg = data_cfg(name="imagefolder", root=CIFAR10_JPEG, cache_dir=str(tmp_path))
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10)
+    image_set = datasets.SOURCES["imagefolder"]().load(cfg)
+    assert image_set.train_images.shape == (50_000, 3, 32, 32) and image_set.test_images.shape == (10_000, 3, 32, 32)
+    assert torch.bincount(image_set.train_labels).tolist() == [5000] * 10
+    assert image_set.classes[:3] == ["airplane", "automobile", "bird"]
+    mean, std = image_set.mean_std()
+    assert mean.tolist() == pytest.approx([0.491, 0.482, 0.447], abs=0.01)  # CIFAR-10's published channel means
