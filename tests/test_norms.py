@@ -186,6 +186,29 @@ def test_bn_with_workers_is_memory_format_agnostic():
     torch.testing.assert_close(y, y_cl)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_with_workers_under_bf16_autocast_stays_close_to_float32(channels_last):
+    torch.manual_seed(0)
+    bn = randomize_affine(build_norm("bn", 8, workers=4)).float()
+    x = (torch.randn(16, 8, 6, 6) * 3 + 5).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = bn(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    expected = torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, training=True) for c in x.chunk(4)])
+    torch.testing.assert_close(y.float(), expected.detach(), atol=0.05, rtol=0.02)
+    y.float().square().sum().backward()
+    assert torch.isfinite(bn.weight.grad).all()
+
+
+def test_bn_statistics_hold_for_a_channel_whose_mean_is_far_from_zero():
+    bn = build_norm("bn", 2, workers=2).float()
+    x = torch.randn(8, 2, 16, 16, dtype=torch.float32) + torch.tensor([30.0, -30.0], dtype=torch.float32).view(1, 2, 1, 1)
+    expected = torch.cat([F.batch_norm(c.double(), None, None, training=True) for c in x.chunk(2)]).float()
+    torch.testing.assert_close(bn(x), expected, atol=2e-4, rtol=1e-4)
+
+
 def test_bn_rejects_batch_not_divisible_by_workers():
     bn = build_norm("bn", 4, workers=8)
     with pytest.raises(ValueError, match=r"bn: a batch of 12 images cannot be split among workers=8"):

@@ -13,11 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def split_workers(x: torch.Tensor, workers: int, kind: str) -> torch.Tensor:
-    """View a (W·N, C, H, W) batch as (W, N, C, H, W), one slice per simulated worker.
-
-    Works for any memory format: splitting the leading dimension is always a view.
-    """
+def check_workers(x: torch.Tensor, workers: int, kind: str) -> None:
+    """A (W·N, C, H, W) batch must split evenly among W workers, with more than one value per channel each."""
     if x.dim() != 4:
         raise ValueError(f"{kind}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[0] % workers:
@@ -25,14 +22,13 @@ def split_workers(x: torch.Tensor, workers: int, kind: str) -> torch.Tensor:
             f"{kind}: a batch of {x.shape[0]} images cannot be split among workers={workers}; "
             f"the batch must be a multiple of {workers} (per-worker batch × workers)"
         )
-    xw = x.unflatten(0, (workers, x.shape[0] // workers))
-    if xw.shape[1] * xw.shape[3] * xw.shape[4] < 2:
+    per_worker = x.shape[0] // workers
+    if per_worker * x.shape[2] * x.shape[3] < 2:
         raise ValueError(
             f"{kind}: each worker sees a single value per channel (per-worker batch "
-            f"{xw.shape[1]} of {xw.shape[3]}×{xw.shape[4]} maps), so batch statistics are undefined; "
+            f"{per_worker} of {x.shape[2]}×{x.shape[3]} maps), so batch statistics are undefined; "
             f"use a larger per-worker batch or a batch-independent norm (gn, ln, in, frn, evonorm_s0)"
         )
-    return xw
 
 
 def for_statistics(x: torch.Tensor) -> torch.Tensor:
@@ -40,14 +36,69 @@ def for_statistics(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def worker_moments(xw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean per worker and channel of a (W, N, C, H, W) view, at least in float32."""
-    return torch.var_mean(for_statistics(xw), dim=(1, 3, 4), correction=0)
+def worker_moments(x: torch.Tensor, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean per worker and channel of a (W·N, C, H, W) batch, at least in float32.
+
+    Taken per sample over (H, W), one fast reduction over contiguous memory, then pooled over each
+    worker's N samples by the law of total variance (every sample has the same H·W values).
+    """
+    var, mean = torch.var_mean(for_statistics(x), dim=(2, 3), correction=0)
+    var, mean = var.unflatten(0, (workers, -1)), mean.unflatten(0, (workers, -1))
+    pooled_mean = mean.mean(1)
+    return var.mean(1) + (mean - pooled_mean[:, None]).square().mean(1), pooled_mean
 
 
-def per_channel(t: torch.Tensor) -> torch.Tensor:
-    """Shape a (W, C) or (C,) statistic to broadcast over (W, N, C, H, W)."""
-    return t.view(-1, 1, t.shape[-1], 1, 1)
+def per_sample(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (W, C) per-worker statistic as (W·N, C, 1, 1), to broadcast over a (W·N, C, H, W) batch."""
+    return stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0)[:, :, None, None].to(x.dtype)
+
+
+def per_sample_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Σ over (H, W) of a·b, per sample and channel, without a full-size temporary where it can."""
+    if a.device.type == "cpu" and a.dtype == b.dtype == dtype and a.is_contiguous() and b.is_contiguous():
+        return torch.einsum("bchw,bchw->bc", a, b)
+    return (a * b).sum((2, 3), dtype=dtype)
+
+
+class _PerWorkerBatchNormFn(torch.autograd.Function):
+    """BN with per-worker statistics: ``F.batch_norm``'s formulas applied to each worker's chunk at once.
+
+    Statistics come from per-sample sums of x and x² pooled over each worker (one cheap pass each,
+    no per-worker copy of the batch); the output and the input gradient are one fused pass each.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, workers: int, eps: float):
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        count = x.shape[0] // workers * x.shape[2] * x.shape[3]  # values per worker and channel
+        sums = x.sum((2, 3), dtype=dtype).unflatten(0, (workers, -1)).sum(1)
+        squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=dtype).square().unflatten(0, (workers, -1)).sum(1)
+        mean = sums / count
+        var = (squares / count - mean.square()).clamp_min(0.0)
+        invstd = torch.rsqrt(var + eps)
+        scale = invstd if weight is None else invstd * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        y = torch.addcmul(per_sample(shift, x), x, per_sample(scale, x))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.workers, ctx.count = workers, count
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        workers, count = ctx.workers, ctx.count
+        sum_g = grad_y.sum((2, 3), dtype=mean.dtype).unflatten(0, (workers, -1)).sum(1)
+        sum_gx = per_sample_dot(grad_y, x, mean.dtype).unflatten(0, (workers, -1)).sum(1)
+        sum_g_xhat = invstd * (sum_gx - mean * sum_g)  # Σ grad·x̂ per worker and channel
+        a = invstd if weight is None else invstd * weight
+        b = -a * invstd * sum_g_xhat / count
+        c = -a * sum_g / count - b * mean
+        grad_x = torch.mul(x, per_sample(b, x))  # grad_x = a·grad + b·x + c, in place after one allocation
+        grad_x.add_(per_sample(c, x)).addcmul_(grad_y, per_sample(a, x))
+        grad_weight = sum_g_xhat.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_bias = sum_g.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class PerWorkerBatchNorm2d(nn.BatchNorm2d):
@@ -90,20 +141,13 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
         uses_batch_stats = self.training or not self.track_running_stats
         if not uses_batch_stats:
             return super().forward(x)
-        xw = split_workers(x, self.workers, "bn")  # also checks the shape, before torch's terser check
+        check_workers(x, self.workers, "bn")  # checks the shape, before torch's terser check
         if self.workers == 1:
             return super().forward(x)
-        var, mean = worker_moments(xw)
+        y, mean, var = _PerWorkerBatchNormFn.apply(x, self.weight, self.bias, self.workers, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, count=xw.shape[1] * xw.shape[3] * xw.shape[4])
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        y = torch.addcmul(per_channel(shift).to(x.dtype), xw, per_channel(scale).to(x.dtype))
-        return y.flatten(0, 1)
+            self._update_running_stats(mean, var, count=x.shape[0] // self.workers * x.shape[2] * x.shape[3])
+        return y
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
@@ -172,8 +216,8 @@ class BatchRenorm2d(nn.Module):
             scale = self.weight / self.running_std
             shift = self.bias - self.running_mean * scale
             return torch.addcmul(shift.to(x.dtype).view(1, -1, 1, 1), x, scale.to(x.dtype).view(1, -1, 1, 1))
-        xw = split_workers(x, self.workers, "brn")
-        var, mean = worker_moments(xw)
+        check_workers(x, self.workers, "brn")
+        var, mean = worker_moments(x, self.workers)
         std = torch.sqrt(var + self.eps)
         r_max, d_max = self.limits()
         with torch.no_grad():
@@ -184,6 +228,5 @@ class BatchRenorm2d(nn.Module):
             self.num_batches_tracked.add_(1)
         scale = self.weight * r / std
         shift = self.bias + self.weight * d - mean * scale
-        y = torch.addcmul(per_channel(shift).to(x.dtype), xw, per_channel(scale).to(x.dtype))
-        return y.flatten(0, 1)
+        return torch.addcmul(per_sample(shift, x), x, per_sample(scale, x))
 

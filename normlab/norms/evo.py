@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms.batch import for_statistics, per_channel, split_workers, worker_moments
+from normlab.norms.batch import check_workers, for_statistics, per_sample, worker_moments
 from normlab.norms.group import resolve_groups
 
 
@@ -50,12 +50,11 @@ class EvoNormB0(nn.Module):
         inst_var = for_statistics(x).var(dim=(2, 3), keepdim=True, correction=0)
         right = torch.addcmul(torch.sqrt(inst_var + self.eps).to(x.dtype), x, _view(self.v, x))
         if self.training:
-            xw = split_workers(x, self.workers, "evonorm_b0")
-            var, _ = worker_moments(xw)
+            check_workers(x, self.workers, "evonorm_b0")
+            var, _ = worker_moments(x, self.workers)
             with torch.no_grad():
                 self.running_var.lerp_(var.mean(0), self.momentum)
-            left = per_channel(torch.sqrt(var + self.eps)).to(x.dtype)
-            y = (xw / torch.maximum(left, right.unflatten(0, xw.shape[:2]))).flatten(0, 1)
+            y = x / torch.maximum(per_sample(torch.sqrt(var + self.eps), x), right)
         else:
             y = x / torch.maximum(_view(torch.sqrt(self.running_var + self.eps), x), right)
         return torch.addcmul(_view(self.bias, x), y, _view(self.weight, x))
