@@ -203,3 +203,13 @@ def test_wandb_failure_never_stops_training(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     summary = train(tiny("logger=wandb"), tmp_path)
     assert summary["status"] == "done"
+
+
+def test_the_demo_sweep_runs_its_whole_grid(tmp_path):
+    result = run_cli("-m", "experiment=demo", "trainer.epochs=1", "trainer.progress=false",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
+    grid = sorted((s["norm"], s["per_worker_batch"], s["workers"], s["experiment"]) for s in summaries)
+    assert grid == sorted((n, b, 8, "demo") for n in ("bn", "gn") for b in (32, 8, 2))
+    assert all(s["status"] == "done" and s["data"] == "digits" for s in summaries)
