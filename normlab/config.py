@@ -163,20 +163,6 @@ def register_configs() -> None:
 
 # ---------------------------------------------------------------- derived values
 
-@dataclass(frozen=True)
-class Effective:
-    """Values derived from the config, logged at start and recorded with the results."""
-
-    total_batch: int
-    lr: float
-
-
-def effective(cfg: DictConfig) -> Effective:
-    total = cfg.batch.per_worker * cfg.batch.workers
-    lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * total / cfg.optim.base_batch
-    return Effective(total_batch=total, lr=float(lr))
-
-
 def norm_options(cfg: DictConfig) -> dict[str, Any]:
     """The norm node as a plain mapping for ``build_model``, unset (None) options left out."""
     node = OmegaConf.to_container(cfg.norm, resolve=True)

@@ -8,7 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab.config import ConfigError, effective, validate
+from normlab.config import ConfigError, validate
+from normlab.protocol import effective
 from normlab.models import MODELS
 from normlab.norms import NORMS
 from tests.conftest import REPO, TINY, compose_config, run_cli

@@ -23,14 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import effective, model_options, norm_options
+from normlab.config import model_options, norm_options
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.loggers import build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
-from normlab.norms.group import DEFAULT_GROUPS
+from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, write_json, write_metrics
 
 log = logging.getLogger("normlab")
@@ -81,25 +81,6 @@ def run_name(cfg: DictConfig) -> str:
     if cfg.norm.get("group_size") is not None:
         norm += f"-C{cfg.norm.group_size}"
     return f"{norm}-N{cfg.batch.per_worker}xW{cfg.batch.workers}-s{cfg.seed}"
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    """The flat keys that identify a run in the summary, the report and W&B.
-
-    ``groups``/``group_size`` are the values in effect: 32 groups for a GN left at its default, and
-    the paper's reading of LN (G=1) and IN (one channel per group).
-    """
-    eff = effective(cfg)
-    groups, group_size = cfg.norm.get("groups"), cfg.norm.get("group_size")
-    if "groups" in cfg.norm and groups is None and group_size is None:
-        groups = DEFAULT_GROUPS
-    groups, group_size = {"ln": (1, None), "in": (None, 1)}.get(cfg.norm.name, (groups, group_size))
-    return {
-        "experiment": cfg.name, "model": cfg.model.name, "norm": cfg.norm.name,
-        "groups": groups, "group_size": group_size,
-        "per_worker_batch": cfg.batch.per_worker, "workers": cfg.batch.workers, "total_batch": eff.total_batch,
-        "lr": eff.lr, "data": cfg.data.name, "seed": cfg.seed, "epochs_planned": cfg.trainer.epochs,
-    }
 
 
 def median_of_last(rows: list[dict], key: str, n: int = 5) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-DEFAULT_GROUPS = 32
+from normlab.protocol import DEFAULT_GROUPS
 
 
 class NormChannelError(ValueError):
