@@ -1,0 +1,113 @@
+"""Collect runs into one tidy table: one row per run, identity columns plus results and status.
+
+A run directory is any folder with normlab's ``config.yaml`` (written when a job starts),
+``metrics.jsonl`` or ``summary.json``. A run without a summary is ``unfinished``: listed, never dropped.
+A published ``runs.csv`` can stand in for the run directories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from normlab.protocol import identity
+from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics
+
+IDENTITY = ["experiment", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
+            "total_batch", "lr", "seed"]
+RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s"]
+RUNS_CSV = "runs.csv"
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    found: set[Path] = set()
+    for root in map(Path, paths):
+        for name in (CONFIG, METRICS, SUMMARY):
+            for path in root.rglob(name):
+                if ".hydra" not in path.parts and "wandb" not in path.parts and "report" not in path.parts:
+                    found.add(path.parent)
+    return sorted(found)
+
+
+def _read_config(run: RunDir) -> dict[str, Any] | None:
+    try:
+        return yaml.safe_load(run.config.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def run_record(path: Path) -> dict[str, Any]:
+    """One row: the summary if the run finished, else what its config and metrics say so far."""
+    run = RunDir(path)
+    summary = run.read_summary()
+    if summary is not None:
+        return {"run_dir": str(path), **summary}
+    config, rows = _read_config(run), read_metrics(run.metrics)
+    record: dict[str, Any] = {"run_dir": str(path), "status": "unfinished", "epochs": len(rows)}
+    if config is not None:
+        try:
+            record.update(identity(config))
+        except (KeyError, TypeError):
+            record["status"] = "unreadable"
+    evaluated = [r["val_error"] for r in rows if r.get("val_error") is not None]
+    if evaluated:
+        record["val_error"] = evaluated[-1]
+    return record
+
+
+def tidy(frame: pd.DataFrame) -> pd.DataFrame:
+    """Known columns first, in a fixed order; integer columns as nullable integers."""
+    for column in IDENTITY + RESULTS:
+        if column not in frame:
+            frame[column] = pd.NA
+    for column in ("groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
+                   "epochs_planned"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    rest = [c for c in frame.columns if c not in IDENTITY + RESULTS + ["run_dir"]]
+    return frame[IDENTITY + RESULTS + ["run_dir"] * ("run_dir" in frame) + rest]
+
+
+def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every run under `paths` (run directories, sweep folders, or published runs.csv files)."""
+    frames, records = [], []
+    for path in map(Path, paths):
+        csv = path if path.suffix == ".csv" else path / RUNS_CSV
+        if csv.is_file() and not find_run_dirs([path if path.is_dir() else path.parent]):
+            frames.append(pd.read_csv(csv))
+    records = [run_record(d) for d in find_run_dirs(p for p in map(Path, paths) if p.is_dir())]
+    if records:
+        frames.append(pd.DataFrame.from_records(records))
+    if not frames:
+        return tidy(pd.DataFrame())
+    return tidy(pd.concat(frames, ignore_index=True))
+
+
+def collect_curves(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per-epoch metrics of every run that has a run directory, with its identity columns."""
+    frames = []
+    for _, run in runs.iterrows():
+        run_dir = run.get("run_dir")
+        rows = read_metrics(Path(run_dir) / METRICS) if isinstance(run_dir, str) else []
+        if rows:
+            frame = pd.DataFrame.from_records(rows)
+            for column in IDENTITY + ["status", "run_dir"]:
+                frame[column] = run.get(column)
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def write_runs(runs: pd.DataFrame, out: Path) -> list[Path]:
+    """runs.csv, and runs.parquet when pyarrow is there."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / RUNS_CSV]
+    runs.to_csv(written[0], index=False)
+    try:
+        runs.to_parquet(out / "runs.parquet", index=False)
+        written.append(out / "runs.parquet")
+    except (ImportError, ValueError):
+        pass
+    return written

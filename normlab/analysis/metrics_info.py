@@ -1,0 +1,50 @@
+"""One table of what the report shows: metric names, labels and formats; norm names and colors.
+
+Every figure and table reads its labels here, so the same thing is named and colored the same way
+everywhere (pycls's ``metrics_info`` is the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    fmt: str = "{:.1f}"
+
+
+METRICS = {m.name: m for m in (
+    Metric("val_error_median5", "top-1 error (%), median of last 5 evaluations"),
+    Metric("val_error", "final top-1 val error (%)"),
+    Metric("best_val_error", "best top-1 val error (%)"),
+    Metric("train_error", "train error (%)"),
+    Metric("val_error_top5", "top-5 val error (%)"),
+    Metric("per_worker_batch", "images per worker (N)", "{:.0f}"),
+    Metric("groups", "groups (G)", "{:.0f}"),
+    Metric("group_size", "channels per group", "{:.0f}"),
+    Metric("epoch", "epoch", "{:.0f}"),
+    Metric("wall_time_s", "wall time (s)", "{:.0f}"),
+)}
+
+# The paper's colors as far as it has them: BN blue, GN red; then a fixed palette for the rest.
+NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
+               "evonorm_b0": "EvoNorm-B0", "evonorm_s0": "EvoNorm-S0", "gn_ws": "GN+WS"}
+NORM_COLORS = {"bn": "#1f77b4", "gn": "#d62728", "ln": "#2ca02c", "in": "#9467bd", "none": "#7f7f7f",
+               "brn": "#17becf", "frn": "#ff7f0e", "evonorm_b0": "#8c564b", "evonorm_s0": "#e377c2",
+               "gn_ws": "#bcbd22"}
+NORM_ORDER = list(NORM_LABELS)
+
+
+def norm_label(norm: str) -> str:
+    return NORM_LABELS.get(norm, norm)
+
+
+def norm_color(norm: str) -> str:
+    return NORM_COLORS.get(norm, "#333333")
+
+
+def norm_sort_key(norm: str) -> int:
+    return NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)

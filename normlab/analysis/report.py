@@ -1,0 +1,139 @@
+"""Write the report: runs table, figures, tables, and report.md + a self-contained report.html.
+
+Everything goes to one folder (``PATH/report/`` by default). The HTML embeds its figures, so it
+opens offline and can be mailed as one file; beside our numbers it shows the paper's.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import pandas as pd
+
+from normlab.analysis import figures, tables
+from normlab.analysis.claims import findings, findings_markdown
+from normlab.analysis.collect import collect_curves, write_runs
+from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
+from normlab.analysis.reference import paper_table
+
+
+def paper_markdown() -> str:
+    t2 = paper_table("table2").pivot(index="norm", columns="per_worker_batch", values="val_error_top1")
+    t2 = t2[sorted(t2.columns, reverse=True)]
+    lines = ["| norm | " + " | ".join(str(c) for c in t2.columns) + " |", "|---|" + "---|" * len(t2.columns)]
+    for norm in sorted(t2.index, key=norm_sort_key):
+        lines.append(f"| {norm_label(norm)} | " + " | ".join(f"{v:.1f}" for v in t2.loc[norm]) + " |")
+    gap = t2.loc["gn"] - t2.loc["bn"]
+    lines.append("| GN − BN | " + " | ".join(f"{v:+.1f}" for v in gap) + " |")
+    t1 = paper_table("table1").sort_values("norm", key=lambda c: c.map(norm_sort_key))
+    table1 = " · ".join(f"{norm_label(r.norm)} {r.val_error_top1:.1f}" for r in t1.itertuples())
+    return "\n".join(lines) + f"\n\nTable 1 (32 images per GPU): {table1}\n"
+
+
+def status_markdown(runs: pd.DataFrame) -> str:
+    counts = runs["status"].fillna("unknown").value_counts()
+    line = ", ".join(f"{n} {status}" for status, n in counts.items())
+    others = runs[runs["status"] != "done"]
+    if others.empty:
+        return f"{len(runs)} runs: {line}.\n"
+    rows = ["| run | norm | N | seed | status | epochs |", "|---|---|---|---|---|---|"]
+    for r in others.itertuples():
+        rows.append(f"| {Path(str(r.run_dir)).name if isinstance(r.run_dir, str) else '–'} | {r.norm} | "
+                    f"{r.per_worker_batch} | {r.seed} | {r.status} | {r.epochs} |")
+    return f"{len(runs)} runs: {line}. Not finished, or not done:\n\n" + "\n".join(rows) + "\n"
+
+
+def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_METRIC,
+                 sources: list[str] | None = None) -> dict[str, list[Path]]:
+    """Write every output file into `out`; return them by kind."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {"runs": write_runs(runs, out)}
+
+    t2 = tables.batch_size_table(runs, metric)
+    t2_md = tables.to_markdown(t2, "norm \\ N")
+    (out / "table_batch_size.md").write_text(t2_md)
+    (out / "table_batch_size.tex").write_text(tables.to_latex(t2, "norm", f"{METRICS[metric].label} vs images "
+                                                                            "per worker"))
+    written["tables"] = [out / "table_batch_size.md", out / "table_batch_size.tex"]
+    written["figures"] = figures.fig_batch_size(runs, out, metric)
+
+    groups = tables.groups_tables(runs, metric)
+    groups_md = ""
+    if groups:
+        groups_md = tables.groups_markdown(groups, metric)
+        (out / "table_groups.md").write_text(groups_md)
+        written["tables"].append(out / "table_groups.md")
+        written["figures"] += figures.fig_groups(groups, out, metric)
+
+    curves = collect_curves(runs)
+    curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
+    for norm in curve_norms:
+        written["figures"] += figures.fig_curves(curves, norm, out)
+
+    claim_md = findings_markdown(findings(runs, metric))
+    sections = [
+        ("Does the claim hold?", claim_md),
+        ("Figure 1: error vs batch size", "![fig_batch_size](fig_batch_size.png)\n"),
+        ("Table 2: error per batch size (ours)", f"{METRICS[metric].label}, mean ± std over seeds.\n\n{t2_md}"),
+        ("The paper's numbers (ImageNet, ResNet-50, top-1 val error %)", paper_markdown()),
+    ]
+    if groups:
+        sections += [("Table 3: group ablation", groups_md + "\n![fig_groups](fig_groups.png)\n")]
+    if curve_norms:
+        sections += [("Training curves", "\n".join(f"![fig_curves_{n}](fig_curves_{n}.png)" for n in curve_norms)
+                      + "\n")]
+    sections += [("Runs", status_markdown(runs))]
+    source = f"Runs from: {', '.join(sources)}\n\n" if sources else ""
+    markdown = "# normlab report\n\n" + source + "\n".join(f"## {title}\n\n{body}" for title, body in sections)
+    (out / "report.md").write_text(markdown)
+    (out / "report.html").write_text(to_html(markdown, out))
+    written["report"] = [out / "report.md", out / "report.html"]
+    return written
+
+
+# ---------------------------------------------------------------- a small markdown → html for our own report
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:0.5rem 0 1rem}td,th{border:1px solid #ccc;padding:0.25rem 0.6rem;
+text-align:right}td:first-child,th:first-child{text-align:left}img{max-width:100%}h2{margin-top:2rem}"""
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    while "**" in text:
+        text = text.replace("**", "<b>", 1).replace("**", "</b>", 1)
+    return text
+
+
+def to_html(markdown: str, folder: Path) -> str:
+    """The report's markdown as one self-contained page: tables, headings, paragraphs, embedded PNGs."""
+    body, rows = [], []
+
+    def flush_table():
+        if rows:
+            head, *rest = [r for r in rows if not set(r.replace("|", "").strip()) <= {"-"}]
+            cells = lambda r: [c.strip() for c in r.strip().strip("|").split("|")]  # noqa: E731
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in cells(head)) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in cells(r)) + "</tr>"
+                                  for r in rest) + "</table>")
+            rows.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+            continue
+        flush_table()
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:line.index(")")]
+            data = base64.b64encode((folder / name).read_bytes()).decode() if (folder / name).exists() else ""
+            body.append(f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line).replace('_', '') if line.startswith('_') else _inline(line)}</p>")
+    flush_table()
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>normlab report</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

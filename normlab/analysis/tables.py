@@ -1,0 +1,125 @@
+"""The paper's tables from a runs table: error per batch size per norm (Table 2), group ablations (Table 3).
+
+Statistics use finished runs (status ``done``); the others are counted, not averaged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pandas as pd
+
+from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
+
+DEFAULT_METRIC = "val_error_median5"
+
+
+def finished(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[(runs["status"] == "done") & runs["per_worker_batch"].notna()]
+
+
+def stats(runs: pd.DataFrame, by: list[str], metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """Mean, std (ddof=1; 0 for a single run) and count of `metric` over seeds, per `by` group."""
+    done = finished(runs).dropna(subset=[metric])
+    grouped = done.groupby(by, dropna=False)[metric]
+    out = grouped.agg(["mean", "std", "count"]).rename(columns={"count": "n"}).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def batch_size_table(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
+    """Rows: norms (and GN−BN); columns: per-worker batch, largest first. Cells hold mean, std and n."""
+    s = stats(runs, ["norm", "per_worker_batch"], metric)
+    if s.empty:
+        return pd.DataFrame()
+    batches = sorted(s["per_worker_batch"].unique(), reverse=True)
+    norms = sorted(s["norm"].unique(), key=norm_sort_key)
+    table = {}
+    for norm in norms:
+        rows = s[s["norm"] == norm].set_index("per_worker_batch")
+        table[norm] = {int(b): (rows.loc[b, "mean"], rows.loc[b, "std"], int(rows.loc[b, "n"])) if b in rows.index
+                       else None for b in batches}
+    if "bn" in table and "gn" in table:
+        table["gn−bn"] = {b: (table["gn"][b][0] - table["bn"][b][0], None, None)
+                          if table["gn"][b] and table["bn"][b] else None for b in table["bn"]}
+    return pd.DataFrame(table).T
+
+
+def _cell(value, fmt: str = "{:.1f}", signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    mean, std, _n = value
+    text = ("{:+.1f}" if signed else fmt).format(mean)
+    return text if std is None else f"{text} ± {std:.1f}"
+
+
+def _seeds(row) -> str:
+    counts = sorted({v[2] for v in row if v is not None and not (isinstance(v, float) and pd.isna(v)) and v[2]})
+    return "" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
+def _row_label(norm: str) -> str:
+    return "GN − BN" if norm == "gn−bn" else norm_label(norm)
+
+
+def to_markdown(table: pd.DataFrame, corner: str, cell: Callable = _cell) -> str:
+    if table.empty:
+        return "_no finished runs_\n"
+    header = f"| {corner} | " + " | ".join(str(c) for c in table.columns) + " | seeds |"
+    lines = [header, "|" + "---|" * (len(table.columns) + 2)]
+    for norm, row in table.iterrows():
+        cells = [cell(v, signed=norm == "gn−bn") for v in row]
+        lines.append(f"| {_row_label(norm)} | " + " | ".join(cells) + f" | {_seeds(row)} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_latex(table: pd.DataFrame, corner: str, caption: str) -> str:
+    if table.empty:
+        return "% no finished runs\n"
+    cols = "l" + "c" * len(table.columns) + "c"
+    lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{caption}}}", rf"\begin{{tabular}}{{{cols}}}",
+             r"\toprule", f"{corner} & " + " & ".join(str(c) for c in table.columns) + r" & seeds \\", r"\midrule"]
+    for norm, row in table.iterrows():
+        cells = [_cell(v, signed=norm == "gn−bn").replace("±", r"$\pm$").replace("–", "--") for v in row]
+        label = r"GN $-$ BN" if norm == "gn−bn" else norm_label(norm)
+        lines.append(f"{label} & " + " & ".join(cells) + f" & {_seeds(row)} " + r"\\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def groups_tables(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> dict[str, pd.DataFrame]:
+    """Table 3's two ablations at the most common per-worker batch of the group-norm runs.
+
+    ``groups``: G fixed (LN is G=1); ``group_size``: channels per group fixed (IN is 1 channel per group).
+    A run with ``group_size`` set belongs to the second; every other GN run to the first.
+    """
+    runs = finished(runs)
+    grouped = runs[runs["norm"].isin(["gn", "ln", "in"])]
+    if grouped.empty or grouped[grouped["norm"] == "gn"].empty:
+        return {}
+    counts = grouped[grouped["norm"] == "gn"]["per_worker_batch"].value_counts()
+    batch = max(counts[counts == counts.max()].index)  # the batch with most GN runs; the largest on a tie
+    grouped = grouped[grouped["per_worker_batch"] == batch]
+    by_groups = grouped[((grouped["norm"] == "gn") & grouped["group_size"].isna()) | (grouped["norm"] == "ln")]
+    by_size = grouped[((grouped["norm"] == "gn") & grouped["group_size"].notna()) | (grouped["norm"] == "in")]
+    out = {}
+    for key, subset in (("groups", by_groups), ("group_size", by_size)):
+        if subset["norm"].eq("gn").any() and subset[key].nunique() > 1:  # an ablation needs two values
+            s = stats(subset, [key], metric).sort_values(key, ascending=False)
+            s[key] = s[key].astype(int)
+            out[key] = s.assign(per_worker_batch=int(batch))
+    return out
+
+
+def groups_markdown(tables: dict[str, pd.DataFrame], metric: str = DEFAULT_METRIC) -> str:
+    parts = []
+    for key, table in tables.items():
+        label = METRICS[key].label
+        batch = int(table["per_worker_batch"].iloc[0])
+        parts.append(f"**{label}** fixed, {batch} images per worker ({METRICS[metric].label})\n")
+        parts.append(f"| {label} | " + " | ".join(str(v) for v in table[key]) + " |")
+        parts.append("|---|" + "---|" * len(table))
+        parts.append("| error | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(table["mean"], table["std"]))
+                     + " |")
+        parts.append("| seeds | " + " | ".join(str(int(n)) for n in table["n"]) + " |\n")
+    return "\n".join(parts) if parts else "_no group ablation in these runs_\n"

@@ -1,0 +1,66 @@
+"""``normlab-report PATH…``: collect runs and write the paper's figures and tables.
+
+    normlab-report results/demo                       # → results/demo/report/
+    normlab-report results/a results/b --out report/
+    normlab-report results/reference/cifar10_small/runs.csv
+    normlab-report --wandb ENTITY/PROJECT --out report/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from normlab.analysis.collect import collect
+from normlab.analysis.metrics_info import METRICS
+from normlab.analysis.report import build_report
+from normlab.analysis.tables import DEFAULT_METRIC
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="normlab-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories, or runs.csv files")
+    parser.add_argument("--out", type=Path, help="output folder (default: FIRST_PATH/report)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=[m for m in METRICS if "error" in m],
+                        help=f"the error to tabulate (default: {DEFAULT_METRIC}, the paper's)")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs back from W&B")
+    args = parser.parse_args(argv)
+    if not args.paths and not args.wandb:
+        parser.error("give at least one PATH, or --wandb ENTITY/PROJECT")
+    for path in args.paths:
+        if not path.exists():
+            parser.error(f"PATH {str(path)!r} does not exist")
+    if args.out is None:
+        if not args.paths:
+            parser.error("--out is required with --wandb alone")
+        first = args.paths[0]
+        args.out = (first.parent if first.suffix == ".csv" else first) / "report"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    runs = collect(args.paths)
+    if args.wandb:
+        import pandas as pd
+
+        from normlab.analysis.wandb_source import collect_wandb
+
+        runs = pd.concat([runs, collect_wandb(args.wandb)], ignore_index=True) if len(runs) else collect_wandb(
+            args.wandb)
+    if runs.empty:
+        print(f"normlab-report: no runs found under {', '.join(map(str, args.paths))}", file=sys.stderr)
+        return 1
+    written = build_report(runs, args.out, args.metric, sources=[str(p) for p in args.paths] +
+                           ([f"wandb:{args.wandb}"] if args.wandb else []))
+    counts = runs["status"].fillna("unknown").value_counts().to_dict()
+    print(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}) → {args.out}")
+    for path in sorted({p for files in written.values() for p in files}):
+        print(f"  {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
