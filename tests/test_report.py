@@ -1,0 +1,153 @@
+"""normlab-report: collect runs, tables against means computed by hand, figures, statuses, the claim check."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from normlab.analysis.claims import findings
+from normlab.analysis.collect import collect
+from normlab.analysis.tables import batch_size_table, groups_tables
+from normlab.cli import main as report_main
+from tests.conftest import TINY, run_cli
+
+EXPECTED_FILES = ["runs.csv", "fig_batch_size.png", "fig_batch_size.pdf", "table_batch_size.md",
+                  "table_batch_size.tex", "fig_curves_bn.png", "fig_curves_gn.png", "report.md", "report.html"]
+
+
+def fake_run(root: Path, name: str, norm: str, n: int, seed: int, val_error: float | None, status: str = "done",
+             **extra) -> Path:
+    """A run directory as the trainer writes it, with a chosen result."""
+    run = root / name
+    run.mkdir(parents=True)
+    error = val_error
+    summary = {"status": status, "val_error": error, "val_error_median5": error, "best_val_error": error,
+               "epochs": 3, "wall_time_s": 1.0, "experiment": "t", "model": "resnet20", "norm": norm,
+               "groups": None, "group_size": None, "per_worker_batch": n, "workers": 8, "total_batch": 8 * n,
+               "lr": 0.1 * n / 32, "data": "synthetic", "seed": seed, "epochs_planned": 3, **extra}
+    (run / "summary.json").write_text(json.dumps(summary))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_error": 50.0 - e, "val_error": error})
+                                               + "\n" for e in (1, 2, 3)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real tiny multirun: 2 norms × 2 batch sizes × 1 epoch on synthetic data."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = run_cli("-m", *TINY, "norm=bn,gn", "batch.per_worker=4,2", f"hydra.sweep.dir={root}")
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_report_from_a_real_tiny_sweep_writes_every_file(sweep):
+    assert report_main([str(sweep)]) == 0
+    out = sweep / "report"
+    for name in EXPECTED_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    for png in out.glob("*.png"):
+        with Image.open(png) as image:
+            image.verify()
+        assert png.stat().st_size > 10_000
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3 and "<table>" in html and "src=\"fig_" not in html
+    assert "23.6" in html and "34.7" in html  # the paper's numbers beside ours
+
+
+def test_table_2_equals_means_computed_from_the_summaries(sweep):
+    report_main([str(sweep)])
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/summary.json")]
+    table = (sweep / "report" / "table_batch_size.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-2]]
+            for line in table.splitlines()[2:]}
+    for norm, label in (("bn", "BN"), ("gn", "GN")):
+        for column, n in enumerate((4, 2)):
+            errors = [s["val_error_median5"] for s in summaries if s["norm"] == norm and s["per_worker_batch"] == n]
+            assert rows[label][column] == f"{statistics.mean(errors):.1f} ± 0.0"
+    gap = [float(c) for c in rows["GN − BN"]]
+    bn = [float(c.split(" ± ")[0]) for c in rows["BN"]]
+    gn = [float(c.split(" ± ")[0]) for c in rows["GN"]]
+    assert gap == pytest.approx([g - b for g, b in zip(gn, bn)], abs=0.11)
+
+
+def test_runs_csv_is_one_tidy_table(sweep):
+    report_main([str(sweep)])
+    runs = pd.read_csv(sweep / "report" / "runs.csv")
+    assert len(runs) == 4 and set(runs["status"]) == {"done"}
+    assert {"norm", "per_worker_batch", "workers", "seed", "val_error_median5", "run_dir"} <= set(runs.columns)
+
+
+def test_mean_std_and_seed_count_across_seeds(tmp_path):
+    for seed, error in enumerate((10.0, 12.0, 14.0)):
+        fake_run(tmp_path, f"bn32s{seed}", "bn", 32, seed, error)
+        fake_run(tmp_path, f"gn32s{seed}", "gn", 32, seed, error + 1)
+    table = batch_size_table(collect([tmp_path]))
+    mean, std, n = table.loc["bn", 32]
+    assert (mean, std, n) == (12.0, statistics.stdev([10.0, 12.0, 14.0]), 3)
+    assert table.loc["gn−bn", 32][0] == pytest.approx(1.0)
+
+
+def test_failed_diverged_and_unfinished_runs_are_listed_not_averaged(tmp_path):
+    fake_run(tmp_path, "ok", "bn", 32, 0, 10.0)
+    fake_run(tmp_path, "failed", "bn", 32, 1, None, status="failed", error="RuntimeError: boom")
+    fake_run(tmp_path, "diverged", "bn", 32, 2, None, status="diverged", diverged_epoch=2)
+    unfinished = fake_run(tmp_path, "unfinished", "gn", 8, 0, 30.0)
+    (unfinished / "summary.json").unlink()
+    (unfinished / "config.yaml").write_text(
+        "name: t\nseed: 0\nmodel: {name: resnet20}\nnorm: {name: gn, groups: 8, group_size: null}\n"
+        "batch: {per_worker: 8, workers: 8}\noptim: {base_lr: 0.1, base_batch: 256, lr: null}\n"
+        "data: {name: synthetic}\ntrainer: {epochs: 3}\n")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.jsonl").write_text('{"epoch": 1, "val_err')  # a torn first line
+    assert report_main([str(tmp_path)]) == 0
+    runs = pd.read_csv(tmp_path / "report" / "runs.csv")
+    by_dir = {Path(r).name: s for r, s in zip(runs["run_dir"], runs["status"])}
+    assert by_dir == {"ok": "done", "failed": "failed", "diverged": "diverged", "unfinished": "unfinished",
+                      "broken": "unfinished"}
+    unfinished_row = runs[runs["run_dir"].str.endswith("unfinished")].iloc[0]
+    assert unfinished_row["norm"] == "gn" and unfinished_row["groups"] == 8 and unfinished_row["epochs"] == 3
+    assert "10.0 ± 0.0 | 1 |" in (tmp_path / "report" / "table_batch_size.md").read_text()
+    assert "failed" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_group_ablation_tables_and_figure(tmp_path):
+    for g, error in ((64, 25.0), (32, 24.0), (8, 24.5), (1, 26.0)):
+        fake_run(tmp_path, f"g{g}", "ln" if g == 1 else "gn", 32, 0, error, groups=g)
+    for size, error in ((16, 24.2), (4, 24.8), (1, 28.0)):
+        fake_run(tmp_path, f"c{size}", "in" if size == 1 else "gn", 32, 0, error, group_size=size)
+    fake_run(tmp_path, "other_batch", "gn", 2, 0, 99.0, groups=32)
+    tables = groups_tables(collect([tmp_path]))
+    assert tables["groups"]["groups"].tolist() == [64, 32, 8, 1]
+    assert tables["groups"]["mean"].tolist() == [25.0, 24.0, 24.5, 26.0]
+    assert tables["group_size"]["group_size"].tolist() == [16, 4, 1]
+    assert tables["group_size"]["mean"].tolist() == [24.2, 24.8, 28.0]
+    report_main([str(tmp_path)])
+    assert (tmp_path / "report" / "fig_groups.png").is_file()
+    text = (tmp_path / "report" / "table_groups.md").read_text()
+    assert re.search(r"\| groups \(G\) \| 64 \| 32 \| 8 \| 1 \|", text)
+
+
+def test_claim_check_on_the_papers_own_numbers_holds(tmp_path):
+    paper = {("bn", 32): 23.6, ("bn", 16): 23.7, ("bn", 8): 24.8, ("bn", 4): 27.3, ("bn", 2): 34.7,
+             ("gn", 32): 24.1, ("gn", 16): 24.2, ("gn", 8): 24.0, ("gn", 4): 24.2, ("gn", 2): 24.1,
+             ("ln", 32): 25.3, ("in", 32): 28.4}
+    for (norm, n), error in paper.items():
+        fake_run(tmp_path, f"{norm}{n}", norm, n, 0, error)
+    results = findings(collect([tmp_path]))
+    assert [f.holds for f in results] == [True, True, True, True]
+    assert results[0].ours == "+11.1 points" and results[1].ours == "0.2 points"
+    assert results[3].ours.startswith("BN < GN < LN < IN")
+
+
+def test_report_cli_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report_main([str(tmp_path / "missing")])
+    assert "does not exist" in capsys.readouterr().err
+    assert report_main([str(tmp_path)]) == 1
+    assert "no runs found" in capsys.readouterr().err
