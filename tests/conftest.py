@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,41 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, "-m", "normlab.train", *args], cwd=cwd or REPO, capture_output=True,
                           text=True, timeout=timeout, env=full_env)
+
+
+def read_wandb_records(path: Path, timeout: float = 20.0) -> list:
+    """The records of a W&B transaction log, once W&B's service has written its closing ``exit`` record
+    (its writes can lag ``run.finish()`` when one process has made several runs)."""
+    deadline = time.time() + timeout
+    while True:
+        records = parse_wandb_log(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            return records
+        time.sleep(0.1)
+
+
+def parse_wandb_log(path: Path) -> list:
+    """The protobuf records of a W&B transaction log (.wandb), read the plain way: a LevelDB-style log of
+    32 KiB blocks, each record behind a 7-byte header (crc, length, type: full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, pos, records, chunk = path.read_bytes(), 32768, 7, [], b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if left < 7 or (length == 0 and kind == 0):
+            pos += left
+            continue
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last piece of a record
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def record_key(item) -> str:
+    return item.key or "/".join(item.nested_key)

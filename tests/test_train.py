@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import pytest
 from normlab.engine.trainer import train
 from normlab.norms import NORMS
 from normlab.records import METRIC_KEYS, read_metrics
-from tests.conftest import REPO, TINY, compose_config, run_cli
+from tests.conftest import REPO, TINY, compose_config, read_wandb_records, record_key, run_cli
 
 TIMING_KEYS = {"images_per_sec", "epoch_time_s"}
 
@@ -140,33 +139,6 @@ def test_multirun_goes_on_past_an_invalid_job(tmp_path):
     assert "invalid job, skipped" in result.stderr + result.stdout
 
 
-def read_wandb_records(path: Path) -> list:
-    """The protobuf records of a W&B transaction log (.wandb), read the plain way: a LevelDB-style log of
-    32 KiB blocks, each record behind a 7-byte header (crc, length, type: full/first/middle/last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, block, pos, records, chunk = path.read_bytes(), 32768, 7, [], b""
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if left < 7 or (length == 0 and kind == 0):
-            pos += left
-            continue
-        chunk += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # full, or the last piece of a record
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(chunk)
-            records.append(record)
-            chunk = b""
-    return records
-
-
-def _key(item) -> str:
-    return item.key or "/".join(item.nested_key)
-
-
 def test_wandb_offline_run_records_the_logged_keys(tiny, tmp_path):
     pytest.importorskip("wandb")
     summary = train(tiny("logger=wandb", "logger.mode=offline", "trainer.epochs=2", "name=wbtest"), tmp_path)
@@ -177,11 +149,11 @@ def test_wandb_offline_run_records_the_logged_keys(tiny, tmp_path):
     for record in read_wandb_records(next(runs[0].glob("*.wandb"))):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            history.append({_key(item): json.loads(item.value_json) for item in record.history.item})
+            history.append({record_key(item): json.loads(item.value_json) for item in record.history.item})
         elif kind == "summary":
-            summary_keys |= {_key(item) for item in record.summary.update}
+            summary_keys |= {record_key(item) for item in record.summary.update}
         elif kind == "run":
-            config_keys |= {_key(item) for item in record.run.config.update}
+            config_keys |= {record_key(item) for item in record.run.config.update}
             assert (record.run.run_group, record.run.job_type) == ("wbtest", "bn")
             assert record.run.display_name == "bn-N4xW2-s0"
     assert len(history) == 2 and {"epoch", "train_loss", "val_error", "lr", "images_per_sec"} <= set(history[0])

@@ -1,0 +1,65 @@
+"""A Hydra callback that puts the paper's figure into W&B at the end of a multirun (``logger=wandb``).
+
+It logs one summary run into the sweep's group: a ``wandb.Table`` of every finished job
+(norm, groups, per_worker_batch, seed, val_error, val_error_median5) and a line plot of error vs
+batch size per norm. Like every W&B path in normlab it never fails the sweep: errors only warn.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+TABLE_COLUMNS = ["norm", "groups", "per_worker_batch", "seed", "val_error", "val_error_median5"]
+
+
+def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
+    """Collect the sweep's runs and log the summary run. Import wandb only here."""
+    import pandas as pd
+    import wandb
+
+    from normlab.analysis.collect import collect
+    from normlab.analysis.metrics_info import norm_label
+    from normlab.analysis.tables import stats
+
+    runs = collect([sweep_dir])
+    done = runs[runs["status"] == "done"]
+    if done.empty:
+        log.warning("W&B sweep summary: no finished runs under %s", sweep_dir)
+        return
+    rows = [[None if pd.isna(v) else (int(v) if k in ("groups", "per_worker_batch", "seed") else float(v))
+             if k != "norm" else v for k, v in zip(TABLE_COLUMNS, r)]
+            for r in done[TABLE_COLUMNS].astype(object).itertuples(index=False)]
+    means = stats(done, ["norm", "per_worker_batch"])
+    batches = sorted(means["per_worker_batch"].unique(), reverse=True)
+    norms = list(dict.fromkeys(means["norm"]))
+    lookup = means.set_index(["norm", "per_worker_batch"])["mean"]
+    run = wandb.init(project=config.logger.project, entity=config.logger.entity, group=config.name,
+                     job_type="summary", name=f"{config.name}-summary", mode=config.logger.mode,
+                     dir=str(sweep_dir), config={"experiment": config.name, "runs": len(runs)},
+                     reinit="finish_previous")
+    try:
+        run.log({
+            "runs_table": wandb.Table(columns=TABLE_COLUMNS, data=rows),
+            "error_vs_batch_size": wandb.plot.line_series(
+                xs=[int(b) for b in batches], ys=[[lookup.get((n, b)) for b in batches] for n in norms],
+                keys=[norm_label(n) for n in norms], title="Error vs images per worker",
+                xname="images per worker (N)"),
+        })
+    finally:
+        run.finish()
+
+
+class WandbSweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.logger.name != "wandb":
+            return
+        try:
+            log_sweep_summary(config, config.hydra.sweep.dir)
+        except Exception as e:  # noqa: BLE001 - an observer never fails the sweep
+            log.warning("W&B sweep summary failed (%s: %s); the run directories are complete", type(e).__name__, e)
