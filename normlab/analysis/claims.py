@@ -12,7 +12,7 @@ import pandas as pd
 
 from normlab.analysis.metrics_info import norm_label
 from normlab.analysis.reference import paper_table
-from normlab.analysis.tables import DEFAULT_METRIC, stats
+from normlab.analysis.tables import DEFAULT_METRIC, main_setting, stats
 
 
 @dataclass
@@ -24,7 +24,7 @@ class Finding:
 
 
 def _means(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return stats(runs, ["norm", "per_worker_batch"], metric).set_index(["norm", "per_worker_batch"])["mean"]
+    return stats(main_setting(runs), ["norm", "per_worker_batch"], metric).set_index(["norm", "per_worker_batch"])["mean"]
 
 
 def findings(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> list[Finding]:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from normlab.analysis.metrics_info import METRICS, norm_color, norm_label, norm_sort_key  # noqa: E402
-from normlab.analysis.tables import DEFAULT_METRIC, stats  # noqa: E402
+from normlab.analysis.tables import DEFAULT_METRIC, main_setting, stats  # noqa: E402
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3}
@@ -49,7 +49,7 @@ def _band(ax, x, s, color, label) -> None:
 
 def fig_batch_size(runs: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC) -> list[Path]:
     """Error vs images per worker, one line per norm, x from the largest batch down to the smallest."""
-    s = stats(runs, ["norm", "per_worker_batch"], metric)
+    s = stats(main_setting(runs), ["norm", "per_worker_batch"], metric)
     if s.empty:
         return []
     with plt.rc_context(STYLE):

@@ -10,12 +10,26 @@ from collections.abc import Callable
 import pandas as pd
 
 from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
+from normlab.protocol import DEFAULT_GROUPS
 
 DEFAULT_METRIC = "val_error_median5"
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs["status"] == "done") & runs["per_worker_batch"].notna()]
+
+
+def main_setting(runs: pd.DataFrame) -> pd.DataFrame:
+    """For each norm, only the runs at its most common group setting (ties go to the paper's G=32): the batch-size
+    comparison is between norms as configured, and a group ablation in the same runs stays out of it."""
+    runs = finished(runs)
+    setting = runs["groups"].astype("string").fillna("-") + "/" + runs["group_size"].astype("string").fillna("-")
+    keep = pd.Series(False, index=runs.index)
+    for _norm, idx in runs.groupby("norm").groups.items():
+        counts = setting[idx].value_counts()
+        tied = sorted(counts[counts == counts.max()].index)
+        keep[idx] = setting[idx] == (f"{DEFAULT_GROUPS}/-" if f"{DEFAULT_GROUPS}/-" in tied else tied[0])
+    return runs[keep]
 
 
 def stats(runs: pd.DataFrame, by: list[str], metric: str = DEFAULT_METRIC) -> pd.DataFrame:
@@ -29,7 +43,7 @@ def stats(runs: pd.DataFrame, by: list[str], metric: str = DEFAULT_METRIC) -> pd
 
 def batch_size_table(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
     """Rows: norms (and GN−BN); columns: per-worker batch, largest first. Cells hold mean, std and n."""
-    s = stats(runs, ["norm", "per_worker_batch"], metric)
+    s = stats(main_setting(runs), ["norm", "per_worker_batch"], metric)
     if s.empty:
         return pd.DataFrame()
     batches = sorted(s["per_worker_batch"].unique(), reverse=True)
