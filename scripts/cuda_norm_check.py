@@ -59,7 +59,8 @@ def main(device: str = "cuda") -> int:
             tol = 2e-2 if precision == "bf16" else 1e-4
             ok = torch.allclose(y, y_ref, atol=tol * 5, rtol=tol) and torch.allclose(g, g_ref, atol=tol * 5, rtol=tol)
             failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} per-worker bn vs loop W={workers} N={per_worker} {precision} channels_last")
+            verdict = "ok  " if ok else "FAIL"
+            print(f"{verdict} per-worker bn vs loop W={workers} N={per_worker} {precision} channels_last")
     print(f"{failures} failures")
     return int(failures > 0)
 

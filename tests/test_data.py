@@ -125,8 +125,8 @@ def write_image_tree(root: Path, classes=("cat", "dog", "emu"), per_class=(6, 3)
             folder = root / split / cls
             folder.mkdir(parents=True)
             for i in range(n):
-                pixels = np.full((size[1], size[0], 3), 40 * label, dtype=np.uint8) + rng.integers(0, 9, (size[1], size[0], 3),
-                                                                                                     dtype=np.uint8)
+                noise = rng.integers(0, 9, (size[1], size[0], 3), dtype=np.uint8)
+                pixels = np.full((size[1], size[0], 3), 40 * label, dtype=np.uint8) + noise
                 Image.fromarray(pixels).save(folder / f"{i:04d}.png")
 
 

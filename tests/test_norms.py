@@ -204,7 +204,8 @@ def test_bn_with_workers_under_bf16_autocast_stays_close_to_float32(channels_las
 
 def test_bn_statistics_hold_for_a_channel_whose_mean_is_far_from_zero():
     bn = build_norm("bn", 2, workers=2).float()
-    x = torch.randn(8, 2, 16, 16, dtype=torch.float32) + torch.tensor([30.0, -30.0], dtype=torch.float32).view(1, 2, 1, 1)
+    offset = torch.tensor([30.0, -30.0], dtype=torch.float32).view(1, 2, 1, 1)
+    x = torch.randn(8, 2, 16, 16, dtype=torch.float32) + offset
     expected = torch.cat([F.batch_norm(c.double(), None, None, training=True) for c in x.chunk(2)]).float()
     torch.testing.assert_close(bn(x), expected, atol=2e-4, rtol=1e-4)
 

@@ -85,7 +85,8 @@ def test_a_done_run_is_skipped_and_force_reruns_it(tiny, tmp_path):
 
 def test_digits_smoke_learns(tmp_path):
     cfg = compose_config(["model=resnet8", "model.width=16", "norm=gn", "norm.groups=8", "batch.per_worker=16",
-                          "batch.workers=2", "trainer.epochs=8", "schedule=cosine", "optim.lr=0.1", "trainer.progress=false"])
+                          "batch.workers=2", "trainer.epochs=8", "schedule=cosine", "optim.lr=0.1",
+                          "trainer.progress=false"])
     summary = train(cfg, tmp_path)
     assert summary["train_size"] == 1437 and summary["test_size"] == 360
     assert summary["val_error"] < 15.0  # chance is 90%

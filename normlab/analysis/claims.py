@@ -24,7 +24,8 @@ class Finding:
 
 
 def _means(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    return stats(main_setting(runs), ["norm", "per_worker_batch"], metric).set_index(["norm", "per_worker_batch"])["mean"]
+    by = ["norm", "per_worker_batch"]
+    return stats(main_setting(runs), by, metric).set_index(by)["mean"]
 
 
 def findings(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> list[Finding]:
