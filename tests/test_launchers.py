@@ -1,0 +1,239 @@
+"""Launchers: joblib and submitit_local run a sweep's jobs side by side, each with its share of the machine
+(CPU threads, a GPU of its own); the sweep-progress callback logs a line per finished job."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from normlab import sweep
+from normlab.records import write_json
+from normlab.train import CONFIG_DIR
+from tests.conftest import TINY, compose_config, run_cli
+
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+BASIC = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+
+
+def joblib(n_jobs: int) -> dict:
+    return {"_target_": JOBLIB, "n_jobs": n_jobs, "prefer": "processes"}
+
+
+def submitit(kind: str, **params) -> dict:
+    return {"_target_": SUBMITIT + kind, "cpus_per_task": None, "gpus_per_node": None, **params}
+
+
+def _hydra_config(overrides: list[str]):
+    """The composed config with its hydra node (launcher, sweeper, overrides)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def summaries(sweep_dir: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in sweep_dir.glob("*/summary.json")), key=lambda s: s["norm"])
+
+
+def job_configs(sweep_dir: Path) -> list:
+    return [OmegaConf.load(p) for p in sweep_dir.glob("*/config.yaml")]
+
+
+# --- launchers end to end -------------------------------------------------------------------------------
+
+def test_joblib_runs_two_jobs_side_by_side_each_with_its_threads_budget(tmp_path):
+    result = run_cli("-m", *TINY, "norm=bn,gn", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     f"hydra.sweep.dir={tmp_path}", timeout=120)
+    assert result.returncode == 0, result.stderr
+    done = summaries(tmp_path)
+    assert [(s["norm"], s["status"]) for s in done] == [("bn", "done"), ("gn", "done")]
+    budget = max(1, sweep.cpu_count() // 2)
+    assert [c.trainer.threads for c in job_configs(tmp_path)] == [budget, budget]
+    out = result.stdout + result.stderr
+    assert f"shares the machine: trainer.threads={budget}" in out
+    assert "1 of 2 finished · done" in out and "2 of 2 finished · done" in out  # logged by the workers
+    assert "sweep finished: 2 of 2 jobs reported · 2 done" in out
+
+
+def test_submitit_local_runs_two_jobs(tmp_path):
+    result = run_cli("-m", *TINY, "norm=bn,gn", "hydra/launcher=submitit_local", "hydra.launcher.cpus_per_task=1",
+                     "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={tmp_path}", timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert [(s["norm"], s["status"]) for s in summaries(tmp_path)] == [("bn", "done"), ("gn", "done")]
+    assert [c.trainer.threads for c in job_configs(tmp_path)] == [1, 1]  # cpus_per_task
+    assert "sweep finished: 2 of 2 jobs reported · 2 done" in result.stdout + result.stderr
+    job_logs = "".join(p.read_text() for p in tmp_path.glob("*/train.log"))  # the lines of submitit's jobs
+    assert "of 2 finished · done" in job_logs
+
+
+def test_the_slurm_config_composes_with_requeue_and_overrides():
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30"]
+    launcher = OmegaConf.to_container(_hydra_config(overrides).hydra.launcher)
+    assert launcher["_target_"] == SUBMITIT + "SlurmLauncher"
+    assert (launcher["partition"], launcher["timeout_min"], launcher["gpus_per_node"]) == ("gpu", 30, 1)
+    assert launcher["max_num_timeout"] > 0 and launcher["additional_parameters"] == {"requeue": True}
+    assert {"cpus_per_task", "mem_gb", "array_parallelism", "signal_delay_s"} <= set(launcher)
+
+
+# --- each job's share of the machine ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("launcher, cpus, expected", [
+    (joblib(2), 8, 4),
+    (joblib(3), 8, 2),
+    (joblib(16), 8, 1),                              # more jobs than CPUs: one thread each
+    (joblib(-1), 8, 1),                              # joblib's -1: one job per CPU
+    (joblib(-2), 8, 1),                              # all CPUs but one: 7 jobs
+    (joblib(-7), 8, 4),                              # 2 jobs
+    (joblib(1), 8, None),                            # one job at a time: torch's default
+    (BASIC, 8, None),
+    (None, 8, None),
+    (submitit("SlurmLauncher", cpus_per_task=6), 64, 6),
+    (submitit("LocalLauncher", cpus_per_task=2), 8, 2),
+    (submitit("SlurmLauncher"), 64, None),
+])
+def test_threads_budget(launcher, cpus, expected):
+    assert sweep.threads_budget(launcher, cpus) == expected
+
+
+def test_share_machine_sets_null_threads_and_keeps_a_chosen_count(monkeypatch, tmp_path):
+    monkeypatch.setattr(sweep, "cpu_count", lambda: 8)
+    cfg = compose_config(TINY)
+    with sweep.share_machine(cfg, launcher=joblib(4), job_num=0, sweep_dir=tmp_path):
+        assert cfg.trainer.threads == 2
+    chosen = compose_config(TINY + ["trainer.threads=3"])
+    with sweep.share_machine(chosen, launcher=joblib(4), job_num=0, sweep_dir=tmp_path):
+        assert chosen.trainer.threads == 3
+    alone = compose_config(TINY)
+    with sweep.share_machine(alone, launcher=BASIC, job_num=0, sweep_dir=tmp_path):
+        assert alone.trainer.threads is None and alone.trainer.device == "auto"
+
+
+@pytest.mark.parametrize("device, launcher, n_gpus, slots", [
+    ("auto", joblib(4), 4, 1),
+    ("auto", joblib(8), 4, 2),
+    ("auto", joblib(3), 4, 1),
+    ("auto", joblib(1), 4, 0),                       # one job at a time: torch's default device
+    ("auto", joblib(4), 1, 0),                       # one GPU: every job on it
+    ("cuda:1", joblib(4), 4, 0),                     # the user chose
+    ("auto", BASIC, 4, 0),
+    ("auto", submitit("LocalLauncher", gpus_per_node=4), 4, 1),
+    ("auto", submitit("SlurmLauncher", gpus_per_node=2), 2, 0),  # a SLURM job sees only its own GPUs
+])
+def test_gpu_slots(device, launcher, n_gpus, slots):
+    assert sweep.gpu_slots(device, launcher, n_gpus, cpus=16) == slots
+
+
+def test_submitit_local_without_gpus_per_node_is_flagged(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what submitit_local sets when gpus_per_node is unset
+    assert sweep.hides_gpus(submitit("LocalLauncher"), gpu_present=True)
+    assert not sweep.hides_gpus(submitit("LocalLauncher"), gpu_present=False)
+    assert not sweep.hides_gpus(joblib(2), gpu_present=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert not sweep.hides_gpus(submitit("LocalLauncher", gpus_per_node=2), gpu_present=True)
+
+
+def test_parallel_jobs_each_claim_a_free_gpu(tmp_path):
+    with contextlib.ExitStack() as stack:
+        first = stack.enter_context(sweep.claim_gpu(tmp_path, n_gpus=2, job_num=1))
+        # job 3 would take GPU 1 by its number; GPU 1 is busy, so it takes GPU 0
+        second = stack.enter_context(sweep.claim_gpu(tmp_path, n_gpus=2, job_num=3))
+        assert (first, second) == (1, 0)
+    with sweep.claim_gpu(tmp_path, n_gpus=2, job_num=1) as again:  # released at the end of the block
+        assert again == 1
+    with contextlib.ExitStack() as stack:  # two jobs per GPU: every GPU's first slot before a second
+        assert [stack.enter_context(sweep.claim_gpu(tmp_path, 2, slots=2, job_num=0)) for _ in range(4)] == [0, 1, 0, 1]
+
+
+def test_share_machine_gives_each_parallel_job_its_own_gpu(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(sweep, "cpu_count", lambda: 8)
+    cfgs = [compose_config(TINY) for _ in range(3)]
+    with sweep.share_machine(cfgs[0], launcher=joblib(2), job_num=0, sweep_dir=tmp_path):
+        with sweep.share_machine(cfgs[1], launcher=joblib(2), job_num=1, sweep_dir=tmp_path):
+            assert [c.trainer.device for c in cfgs[:2]] == ["cuda:0", "cuda:1"]
+            assert [c.trainer.threads for c in cfgs[:2]] == [4, 4]
+    with sweep.share_machine(cfgs[2], launcher=joblib(2), job_num=3, sweep_dir=tmp_path):
+        assert cfgs[2].trainer.device == "cuda:1"
+    assert sorted(p.name for p in (tmp_path / sweep.GPU_LOCK_DIR).iterdir()) == ["gpu0.0.lock", "gpu1.0.lock"]
+
+
+# --- sweep progress --------------------------------------------------------------------------------------
+
+def test_progress_lines_with_the_basic_launcher_and_a_rerun(tmp_path):
+    args = ["-m", *TINY, "model.width=16", "norm=gn", "norm.groups=8,32", f"hydra.sweep.dir={tmp_path}"]
+    first = run_cli(*args, timeout=120)
+    assert first.returncode == 0, first.stderr
+    out = first.stdout + first.stderr
+    assert "sweep: 1 of 2 finished · done · val error " in out and "% · norm.groups=8" in out
+    assert "sweep: 2 of 2 finished · invalid · val error n/a · norm.groups=32" in out
+    assert "sweep finished: 2 of 2 jobs reported · 1 done, 1 invalid · best val error" in out
+    again = run_cli(*args, timeout=120)  # the done job is skipped, and says so
+    assert "sweep: 1 of 2 finished · done (already done, skipped)" in again.stdout + again.stderr
+
+
+def test_count_jobs_reads_the_command_line_and_the_sweeper_params():
+    demo = _hydra_config(["experiment=demo"])
+    assert sweep.count_jobs(demo) == 6  # norm: bn,gn × batch.per_worker: 32,8,2
+    with_seeds = OmegaConf.merge(demo, {"hydra": {"overrides": {"task": ["experiment=demo", "seed=0,1"]}}})
+    assert sweep.count_jobs(with_seeds) == 12
+    assert sweep.swept_keys(with_seeds) == ["norm", "batch.per_worker", "seed"]
+    other = OmegaConf.merge(demo, {"hydra": {"sweeper": {"_target_": "some.OtherSweeper"}}})
+    assert sweep.count_jobs(other) is None
+
+
+def _job(tmp_path: Path, num: int, summary: dict | None, mode=RunMode.MULTIRUN):
+    run_dir = tmp_path / f"job{num}"
+    run_dir.mkdir()
+    if summary is not None:
+        write_json(run_dir / "summary.json", summary)
+    return OmegaConf.create({"hydra": {
+        "mode": mode, "runtime": {"output_dir": str(run_dir)}, "sweep": {"dir": str(tmp_path)},
+        "job": {"num": num, "override_dirname": f"norm=bn,seed={num}"},
+        "overrides": {"task": ["norm=bn", f"seed={num}"]}}})
+
+
+def _returned(value=None, error: Exception | None = None) -> JobReturn:
+    ret = JobReturn()
+    ret.status, ret._return_value = (JobStatus.FAILED, error) if error else (JobStatus.COMPLETED, value)
+    return ret
+
+
+def test_progress_callback_counts_jobs_reported_from_other_processes(tmp_path, caplog):
+    start = OmegaConf.merge(_hydra_config(["experiment=demo"]), {"hydra": {"sweep": {"dir": str(tmp_path)}}})
+    callback = sweep.SweepProgress()
+    callback.on_multirun_start(config=start)
+    assert callback.total == 6
+    import pickle
+
+    in_worker = pickle.loads(pickle.dumps(callback))  # what joblib and submitit do with it
+    caplog.set_level(logging.INFO, logger="normlab.sweep")
+    in_worker.on_job_end(config=_job(tmp_path, 0, {"status": "done", "val_error": 12.5}), job_return=_returned("done"))
+    callback.on_job_end(config=_job(tmp_path, 1, {"status": "diverged", "val_error": None}),
+                        job_return=_returned("diverged"))
+    callback.on_job_end(config=_job(tmp_path, 2, None), job_return=_returned(error=RuntimeError("boom")))
+    callback.on_job_end(config=_job(tmp_path, 3, {"status": "done"}, mode=RunMode.RUN), job_return=_returned("done"))
+    callback.on_multirun_end(config=start)
+    lines = [r.getMessage() for r in caplog.records if r.name == "normlab.sweep"]
+    assert lines == [
+        "sweep: 1 of 6 finished · done · val error 12.50% · norm=bn",
+        "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn",
+        "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn",
+        f"sweep finished: 3 of 6 jobs reported · 1 done, 1 diverged, 1 failed (RuntimeError) · best val error 12.50% "
+        f"(norm=bn) · {tmp_path}",
+    ]
+
+
+def test_the_progress_callback_never_raises(tmp_path, caplog):
+    callback = sweep.SweepProgress()
+    callback.on_multirun_start(config=OmegaConf.create({}))  # no hydra node at all
+    callback.on_job_end(config=OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN}}), job_return=_returned("done"))
+    callback.on_multirun_end(config=OmegaConf.create({}))
+    assert any("sweep progress: no line" in r.getMessage() for r in caplog.records)
