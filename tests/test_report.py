@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import statistics
 from pathlib import Path
 
@@ -151,3 +153,9 @@ def test_report_cli_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert report_main([str(tmp_path)]) == 1
     assert "no runs found" in capsys.readouterr().err
+
+
+def test_the_report_side_never_imports_torch():
+    code = ("import sys, normlab.cli, normlab.analysis.report, normlab.analysis.wandb_source; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
