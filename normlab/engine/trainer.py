@@ -30,6 +30,7 @@ from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.loggers import build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
+from normlab.norms import norm_spec
 from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, write_json, write_metrics
 
@@ -42,15 +43,25 @@ def resolve_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 is only fast on CPUs with AVX512-BF16 or AMX; elsewhere it is emulated and slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, check, lambda: False)() for check in checks)
+
+
 def resolve_precision(setting: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA, and on CPUs that compute bf16 natively; fp32 elsewhere."""
     if setting == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if device.type == "cuda" or cpu_has_fast_bf16() else "fp32"
     return setting
 
 
-def resolve_channels_last(setting: Any, device: torch.device) -> bool:
+def resolve_channels_last(setting: Any, device: torch.device, norm: str = "bn") -> bool:
+    """auto: channels_last on CUDA; on the CPU only for the batch-statistics norms, whose kernels gain from
+    it, while GroupNorm's CPU kernel is slower in channels_last (measured: docs and shared notes)."""
     if str(setting).lower() == "auto":
-        return device.type == "cuda"
+        return device.type == "cuda" or norm_spec(norm).batch_dependent
     return str(setting).lower() == "true"
 
 
@@ -117,7 +128,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         torch.set_num_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     precision = resolve_precision(cfg.trainer.precision, device)
-    channels_last = resolve_channels_last(cfg.trainer.channels_last, device)
+    channels_last = resolve_channels_last(cfg.trainer.channels_last, device, cfg.norm.name)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     eff = effective(cfg)
 

@@ -1,0 +1,245 @@
+"""Training throughput: normlab's training step beside the standard PyTorch CIFAR loop, same model and data shape.
+
+For each cell of model × norm × per-worker batch N × workers W, two loops run in this process, alternating:
+
+- normlab: uint8 images on the device, crop and flip drawn per sample and applied in batch, per-worker
+  norms (W groups of N), the precision and memory format normlab picks for the device and norm, no
+  host-device sync per step;
+- reference: the loop of pytorch/examples and most CIFAR repos: a Dataset of PIL images with
+  RandomCrop(32, 4), RandomHorizontalFlip, ToTensor and Normalize, a DataLoader (num_workers = cores,
+  pin_memory on CUDA), fp32, eager, nn.BatchNorm2d / nn.GroupNorm, a literal batch of N·W, loss.item()
+  every step.
+
+Throughput is images/s over timed steps after warm-up, with the device synchronized. The real CIFAR-10
+JPEG zip is used when it is found (NORMLAB_CIFAR10_JPEG or ../shared/data/cifar10-jpeg.zip), synthetic
+images of the same shape otherwise.
+
+    python scripts/bench_train.py                         # the default grid, < 3 minutes on 2 CPU cores
+    python scripts/bench_train.py --norms bn gn --per-worker 32 2 --workers 8 --steps 40 --csv out.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from normlab.data.device_loader import DeviceLoader, Normalize  # noqa: E402
+from normlab.engine.loop import train_epoch  # noqa: E402
+from normlab.engine.trainer import resolve_channels_last, resolve_precision  # noqa: E402
+from normlab.models import build_model  # noqa: E402
+from normlab.norms import PerWorkerBatchNorm2d  # noqa: E402
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+ZIP_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
+
+
+def load_images(limit: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(N, 32, 32, 3) uint8 images and labels: CIFAR-10 from the JPEG zip if present, else synthetic."""
+    path = Path(os.environ.get("NORMLAB_CIFAR10_JPEG", ZIP_DEFAULT))
+    if path.exists():
+        from omegaconf import OmegaConf
+
+        from normlab.config import DataConfig
+        from normlab.data.imagefolder import ImageFolderSource
+
+        cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {"name": "imagefolder", "root": str(path)})
+        data = ImageFolderSource().load(cfg)
+        images = data.train_images[:limit].permute(0, 2, 3, 1).numpy()
+        return np.ascontiguousarray(images), data.train_labels[:limit].numpy(), "cifar10-jpeg"
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (limit, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, limit), "synthetic"
+
+
+class PILImages(torch.utils.data.Dataset):
+    """torchvision's CIFAR10 dataset as it is: uint8 HWC arrays, one PIL image per sample."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        from torchvision import transforms
+
+        self.images, self.labels = images, labels
+        self.transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def plain_norms(module: nn.Module) -> nn.Module:
+    """The reference model's norms are torch's own classes: per-worker BN at W=1 becomes nn.BatchNorm2d."""
+    for name, child in module.named_children():
+        if isinstance(child, PerWorkerBatchNorm2d):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            plain_norms(child)
+    return module
+
+
+def norm_node(norm: str, model: str) -> dict:
+    node = {"name": norm}
+    if norm in ("gn", "gn_ws", "evonorm_s0") and model in ("resnet8", "resnet20", "resnet32", "resnet56"):
+        node["groups"] = 8  # the He CIFAR nets have 16 channels in their first stage
+    return node
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class NormlabLoop:
+    def __init__(self, model_name, norm, per_worker, workers, images, labels, device):
+        self.device = device
+        self.precision = resolve_precision("auto", device)
+        self.channels_last = resolve_channels_last("auto", device, norm)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+        normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, self.channels_last)
+        self.loader = DeviceLoader(x, torch.from_numpy(labels).long().to(device), per_worker * workers, normalize,
+                                   train=True, padding=4)
+        self.model = build_model(model_name, 10, norm_node(norm, model_name), workers=workers).to(device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        self.epoch = itertools.count(1)
+
+    def batches(self, steps: int):
+        while steps > 0:
+            for batch in itertools.islice(self.loader.epoch(next(self.epoch)), steps):
+                steps -= 1
+                yield batch
+
+    def run(self, steps: int) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        train_epoch(self.model, self.batches(steps), self.optimizer, self.schedule, device=self.device,
+                    precision=self.precision)
+        sync(self.device)
+        return time.perf_counter() - start
+
+    @property
+    def setting(self) -> str:
+        return f"{self.precision}{' channels_last' if self.channels_last else ''}"
+
+
+class ReferenceLoop:
+    def __init__(self, model_name, norm, batch, images, labels, device, loader_workers):
+        self.device = device
+        self.loader = torch.utils.data.DataLoader(
+            PILImages(images, labels), batch_size=batch, shuffle=True, drop_last=True, num_workers=loader_workers,
+            pin_memory=device.type == "cuda", persistent_workers=loader_workers > 0)
+        self.model = plain_norms(build_model(model_name, 10, norm_node(norm, model_name), workers=1)).to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        self.iterator = iter(self.loader)
+
+    def next_batch(self):
+        try:
+            return next(self.iterator)
+        except StopIteration:
+            self.iterator = iter(self.loader)
+            return next(self.iterator)
+
+    def run(self, steps: int) -> float:
+        self.model.train()
+        sync(self.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            images, labels = self.next_batch()
+            images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            loss = F.cross_entropy(self.model(images), labels)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+            loss.item()
+        sync(self.device)
+        return time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return peak
+    return None
+
+
+def measure(loop, steps: int, warmup: int, rounds: int, device) -> tuple[float, float | None]:
+    loop.run(warmup)
+    peak_memory_mb(device)
+    times = [loop.run(steps) for _ in range(rounds)]
+    return min(times), peak_memory_mb(device)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20"])
+    parser.add_argument("--norms", nargs="+", default=["bn", "gn"])
+    parser.add_argument("--per-worker", nargs="+", type=int, default=[16, 2], help="N (default: 16 2)")
+    parser.add_argument("--workers", nargs="+", type=int, default=[8], help="W (default: 8)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per round (default: 12)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds; the best counts")
+    parser.add_argument("--images", type=int, default=4096, help="training images to load (default: 4096)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    images, labels, source = load_images(args.images)
+    cores = os.cpu_count() or 1
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__} · {name} · data: {source} ({len(labels)} images) · "
+          f"reference DataLoader workers: {cores}\n")
+    header = ["model", "norm", "per_worker", "workers", "total_batch", "device", "normlab_setting",
+              "normlab_img_s", "reference_img_s", "ratio", "normlab_peak_mb", "reference_peak_mb"]
+    rows = []
+    print(f"{'model':10s} {'norm':5s} {'N':>3s} {'W':>3s} {'N·W':>4s}  {'normlab':>9s} {'reference':>9s} "
+          f"{'ratio':>6s}  {'setting':22s} {'peak MB (nl/ref)':>16s}")
+    for model, norm, n, w in itertools.product(args.models, args.norms, args.per_worker, args.workers):
+        batch = n * w
+        ours = NormlabLoop(model, norm, n, w, images, labels, device)
+        ref = ReferenceLoop(model, norm, batch, images, labels, device, cores)
+        t_ours, m_ours = measure(ours, args.steps, args.warmup, 1, device)
+        t_ref, m_ref = measure(ref, args.steps, args.warmup, 1, device)
+        for _ in range(args.rounds - 1):  # alternate, keep the best of each
+            t_ours, t_ref = min(t_ours, ours.run(args.steps)), min(t_ref, ref.run(args.steps))
+        ours_ips, ref_ips = args.steps * batch / t_ours, args.steps * batch / t_ref
+        memory = "–" if m_ours is None else f"{m_ours:.0f}/{m_ref:.0f}"
+        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} {ref_ips:9.0f} "
+              f"{ours_ips / ref_ips:5.2f}x  {ours.setting:22s} {memory:>16s}")
+        rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours.setting, round(ours_ips, 1),
+                                      round(ref_ips, 1), round(ours_ips / ref_ips, 3), m_ours, m_ref])))
+        del ref.iterator, ref.loader
+    if args.csv:
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nwrote {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
