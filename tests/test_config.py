@@ -38,6 +38,17 @@ def test_every_experiment_composes_from_the_experiments_folder(experiment):
     assert cfg.name == experiment
 
 
+@pytest.mark.parametrize("overrides, data, model", [
+    ([], "cifar10", "resnet18"),
+    (["data=imagenette", "model=imagenet_resnet18"], "imagefolder", "imagenet_resnet18"),
+    (["data=cifar10_jpeg"], "imagefolder", "resnet18"),
+])
+def test_gn_batch_size_composes_for_cifar10_and_an_imagenet_subset(overrides, data, model):
+    cfg = compose_config(["experiment=gn_batch_size", *overrides])
+    assert (cfg.data.name, cfg.model.name, cfg.name) == (data, model, "gn_batch_size")
+    assert (cfg.batch.workers, cfg.trainer.epochs) == (8, 100)
+
+
 def test_defaults_reproduce_the_paper_protocol():
     cfg = compose_config()
     assert (cfg.batch.per_worker, cfg.batch.workers) == (32, 8)
