@@ -196,6 +196,30 @@ def count_jobs(config: DictConfig) -> int | None:
     return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
 
 
+def job_overrides(config: DictConfig) -> list[list[str]]:
+    """Every job's overrides, as Hydra's BasicSweeper will launch them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def invalid_jobs(config: DictConfig, config_name: str = "train") -> list[tuple[list[str], str]]:
+    """The jobs that ``validate`` will refuse, found before the sweep starts: (overrides, reason)."""
+    from hydra import compose
+
+    from normlab.config import ConfigError, validate
+
+    found = []
+    for overrides in job_overrides(config):
+        try:
+            validate(compose(config_name=config_name, overrides=overrides))
+        except ConfigError as e:
+            found.append((overrides, " ".join(line.strip() for line in str(e).splitlines()[:2])))
+    return found
+
+
 def sweep_arguments(config: DictConfig) -> list[str]:
     """The overrides a multirun sweeps over, as the sweeper sees them: ``hydra.sweeper.params``, then the
     command line's."""
@@ -210,6 +234,9 @@ def swept_keys(config: DictConfig) -> list[str]:
 
     overrides = OverridesParser.create().parse_overrides(sweep_arguments(config))
     return [o.get_key_element() for o in overrides if o.is_sweep_override()]
+
+
+MAX_PRECHECKED_JOBS = 500  # a larger grid is checked job by job only
 
 
 def _percent(value: Any) -> str:
@@ -241,6 +268,22 @@ class SweepProgress(Callback):
             self.total = count_jobs(config)
         except Exception as e:  # noqa: BLE001 - a sweep we cannot count still runs
             log.debug("sweep progress: cannot count the jobs: %r", e)
+        self._announce_invalid(config)
+
+    def _announce_invalid(self, config: DictConfig) -> None:
+        """Say at sweep start which jobs will be skipped, and why; they are skipped again at job start."""
+        if self.total is None or self.total > MAX_PRECHECKED_JOBS:
+            return
+        try:
+            invalid = invalid_jobs(config)
+        except Exception as e:  # noqa: BLE001
+            log.debug("sweep progress: cannot check the jobs ahead: %r", e)
+            return
+        if invalid:
+            log.warning("sweep: %d of %d jobs will be skipped, their config is invalid:", len(invalid), self.total)
+            for overrides, reason in invalid:
+                swept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in self.keys] or overrides
+                log.warning("  skip %s: %s", " ".join(swept), reason)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:

@@ -186,3 +186,15 @@ def test_the_demo_sweep_runs_its_whole_grid(tmp_path):
     grid = sorted((s["norm"], s["per_worker_batch"], s["workers"], s["experiment"]) for s in summaries)
     assert grid == sorted((n, b, 8, "demo") for n in ("bn", "gn") for b in (32, 8, 2))
     assert all(s["status"] == "done" and s["data"] == "digits" for s in summaries)
+
+
+def test_a_sweep_names_the_jobs_it_will_skip_before_it_starts(tmp_path):
+    result = run_cli("-m", *TINY, "norm=gn", "norm.groups=32,null", "norm.group_size=null,64",
+                     f"hydra.sweep.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout + result.stderr
+    assert "sweep: 2 of 4 jobs will be skipped" in out
+    assert "skip norm.groups=32 norm.group_size=64: " in out and "give either groups or group_size" in out
+    assert "skip norm.groups=null norm.group_size=64: " in out and "does not divide num_channels=32" in out
+    assert out.index("will be skipped") < out.index("Launching 4 jobs")
+    assert len(list(tmp_path.glob("*/summary.json"))) == 2
