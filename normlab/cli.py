@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from normlab.analysis.collect import collect
-from normlab.analysis.metrics_info import METRICS
+from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.report import build_report
 from normlab.analysis.tables import DEFAULT_METRIC
 
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories, or runs.csv files")
     parser.add_argument("--out", type=Path, help="output folder (default: FIRST_PATH/report)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=[m for m in METRICS if "error" in m],
+    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=list(RUN_METRICS),
                         help=f"the error to tabulate (default: {DEFAULT_METRIC}, the paper's)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs back from W&B")
     args = parser.parse_args(argv)

@@ -93,7 +93,7 @@ class TrainerConfig:
     epochs: int = 30
     eval_every: int = 1  # evaluate every k epochs (and always after the last)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     channels_last: str = "auto"  # auto | true | false
     threads: Optional[int] = None  # CPU threads; None keeps torch's default
     checkpoint: bool = True  # atomic checkpoint at each epoch end, for resume
@@ -199,6 +199,16 @@ def validate(cfg: DictConfig) -> None:
            "milestones are fractions of training, each between 0 and 1")
     _check(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0")
     _check(cfg.optim.base_batch >= 1, "optim.base_batch", cfg.optim.base_batch, "must be >= 1")
+    _check(cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
+    _check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", cfg.optim.lr,
+           "must be > 0, or null for the linear scaling rule")
+    _check(cfg.data.eval_batch >= 1, "data.eval_batch", cfg.data.eval_batch, "must be >= 1")
+    _check(cfg.data.crop_padding is None or cfg.data.crop_padding >= 0, "data.crop_padding", cfg.data.crop_padding,
+           "must be >= 0, or null for size/8")
+    _check(cfg.trainer.threads is None or cfg.trainer.threads >= 1, "trainer.threads", cfg.trainer.threads,
+           "must be >= 1, or null for torch's default")
+    _check(str(cfg.trainer.progress).lower() in ("auto", "true", "false"), "trainer.progress",
+           cfg.trainer.progress, "valid: auto, true, false")
     _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
            "must be in [0, 1)")
     _check(cfg.logger.name in ("none", "wandb"), "logger.name", cfg.logger.name, "valid: none, wandb")
@@ -228,13 +238,21 @@ def _check_model(cfg: DictConfig, shape) -> None:
 
     from normlab.models import build_model
 
+    from normlab.models import model_builder
+    from normlab.options import check_options
+
+    options = model_options(cfg)
+    try:
+        check_options(f"model={cfg.model.name}", model_builder(cfg.model.name), options)
+    except ValueError as e:
+        raise ConfigError(f"{e} (model.* keys)") from None
     norm = norm_options(cfg)
     try:
         with torch.device("meta"):
             model = build_model(cfg.model.name, shape.num_classes, norm, workers=cfg.batch.workers,
-                                in_chans=shape.channels, **model_options(cfg))
+                                in_chans=shape.channels, **options)
     except ValueError as e:
-        raise ConfigError(f"norm={cfg.norm.name} cannot be built into model={cfg.model.name}: {e}") from None
+        raise ConfigError(f"cannot build model={cfg.model.name} with norm={cfg.norm.name}: {e}") from None
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
              for path, m in model.named_modules() if path]

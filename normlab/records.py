@@ -22,7 +22,7 @@ from typing import IO, Any
 
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"
 METRIC_KEYS = ("epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "images_per_sec", "epoch_time_s")
-STATUSES = ("done", "diverged", "failed")
+FINAL_STATUSES = ("done", "diverged")  # "failed" runs resume from their checkpoint when rerun
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
@@ -96,6 +96,7 @@ class RunDir:
     def read_summary(self) -> dict[str, Any] | None:
         return read_json(self.summary)
 
-    def is_done(self) -> bool:
+    def is_final(self) -> bool:
+        """Done or diverged: rerunning would only repeat it (or, on a GPU, silently change it)."""
         summary = self.read_summary()
-        return summary is not None and summary.get("status") == "done"
+        return summary is not None and summary.get("status") in FINAL_STATUSES

@@ -184,16 +184,10 @@ def share_machine(cfg: DictConfig, launcher: Mapping | None = None, job_num: int
 
 
 def count_jobs(config: DictConfig) -> int | None:
-    """How many jobs a multirun launches: the product of its sweeps' lengths (command line and
-    ``hydra.sweeper.params``), built as Hydra's BasicSweeper builds them. None for other sweepers."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    sweeper = config.hydra.sweeper
-    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+    """How many jobs a multirun launches, as Hydra's BasicSweeper builds them. None for other sweepers."""
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    overrides = OverridesParser.create().parse_overrides(sweep_arguments(config))
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(overrides, None))
+    return len(job_overrides(config))
 
 
 def job_overrides(config: DictConfig) -> list[list[str]]:

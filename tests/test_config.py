@@ -95,7 +95,7 @@ def test_norm_schema_takes_only_that_norms_options():
     (["data=imagefolder", "data.root=/nonexistent/tree.zip"],
      r"data\.root='/nonexistent/tree\.zip' does not exist"),
     (["model=resnet20", "norm=gn"],
-     r"(?s)norm=gn cannot be built into model=resnet20: resnet20: the norm does not fit 7 layer\(s\):\n"
+     r"(?s)cannot build model=resnet20 with norm=gn: resnet20: the norm does not fit 7 layer\(s\):\n"
      r".*layer1\.0\.bn2.*groups=32 does not divide num_channels=16"),
     (["data=synthetic", "data.size=4", "model=resnet20", "batch.per_worker=1", "batch.workers=4"],
      r"batch\.per_worker=1 cannot work with norm=bn in resnet20: at layer3\.\d\.bn\d, bn: each worker sees a "
@@ -103,6 +103,12 @@ def test_norm_schema_takes_only_that_norms_options():
     (["data=synthetic", "data.size=32", "model=imagenet_resnet18", "batch.per_worker=1", "batch.workers=1"],
      r"batch\.per_worker=1 cannot work with norm=bn in imagenet_resnet18: at layer4"),
     (["+norm.gropus=4"], r"bn: unknown option\(s\) gropus=4; bn takes: "),  # forced past the schema with '+'
+    (["model=resnet18", "model.width=8"], r"model=resnet18: unknown option\(s\) width=8; .*\(model\.\* keys\)"),
+    (["model.shortcut=C"], r"cannot build model=resnet20 with norm=bn: shortcut='C' is invalid"),
+    (["data.eval_batch=0"], r"data\.eval_batch=0 is invalid: must be >= 1"),
+    (["optim.base_lr=0"], r"optim\.base_lr=0\.0 is invalid: must be > 0"),
+    (["trainer.threads=0"], r"trainer\.threads=0 is invalid"),
+    (["trainer.progress=yes"], r"trainer\.progress='yes' is invalid: valid: auto, true, false"),
     (["trainer.device=tpu"], r"trainer\.device='tpu' is invalid: valid: auto, cpu, cuda, cuda:N"),
 ])
 def test_validate_names_the_key_and_what_is_valid(overrides, message):

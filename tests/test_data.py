@@ -213,3 +213,16 @@ def test_the_real_cifar10_jpeg_zip(tmp_path):
     assert image_set.classes[:3] == ["airplane", "automobile", "bird"]
     mean, std = image_set.mean_std()
     assert mean.tolist() == pytest.approx([0.491, 0.482, 0.447], abs=0.01)  # CIFAR-10's published channel means
+
+
+def test_imagefolder_cache_follows_the_files_and_ignores_archive_metadata(tmp_path):
+    from normlab.data.imagefolder import cache_path, select
+
+    write_image_tree(tmp_path / "t")
+    (tmp_path / "t" / "train" / "cat" / "._0000.png").write_bytes(b"resource fork")
+    cfg = data_cfg(name="imagefolder", root=str(tmp_path / "t"), image_size=8, cache_dir=str(tmp_path / "c"))
+    selection = select(cfg)
+    assert len(selection.files("train")[0]) == 18
+    before = cache_path(cfg, selection)
+    Image.new("RGB", (12, 10)).save(tmp_path / "t" / "train" / "cat" / "0099.png")
+    assert cache_path(cfg, select(cfg)) != before

@@ -73,6 +73,7 @@ def test_a_nan_loss_ends_the_run_as_diverged(tiny, tmp_path):
     assert summary["status"] == "diverged" and summary["diverged_epoch"] == 1
     assert summary["epochs"] == 1
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+    assert train(tiny("norm=none", "optim.lr=1e12", "trainer.epochs=5"), tmp_path) is None  # final: not rerun
 
 
 def test_a_done_run_is_skipped_and_force_reruns_it(tiny, tmp_path):

@@ -28,7 +28,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     for root in map(Path, paths):
         for name in (CONFIG, METRICS, SUMMARY):
             for path in root.rglob(name):
-                if ".hydra" not in path.parts and "wandb" not in path.parts and "report" not in path.parts:
+                inside = path.relative_to(root).parts
+                if not {".hydra", "wandb", "report"} & set(inside):
                     found.add(path.parent)
     return sorted(found)
 

@@ -29,6 +29,8 @@ METRICS = {m.name: m for m in (
     Metric("wall_time_s", "wall time (s)", "{:.0f}"),
 )}
 
+RUN_METRICS = ("val_error_median5", "val_error", "best_val_error")  # per-run errors the tables can show
+
 # The paper's colors as far as it has them: BN blue, GN red; then a fixed palette for the rest.
 NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
                "evonorm_b0": "EvoNorm-B0", "evonorm_s0": "EvoNorm-S0", "gn_ws": "GN+WS"}

@@ -67,7 +67,7 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
         written["tables"].append(out / "table_groups.md")
         written["figures"] += figures.fig_groups(groups, out, metric)
 
-    curves = collect_curves(runs)
+    curves = collect_curves(tables.main_setting(runs))  # one curve per batch size: no group ablation blended in
     curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
     for norm in curve_norms:
         written["figures"] += figures.fig_curves(curves, norm, out)

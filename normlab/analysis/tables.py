@@ -62,9 +62,9 @@ def batch_size_table(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.Dat
 def _cell(value, fmt: str = "{:.1f}", signed: bool = False) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
-    mean, std, _n = value
+    mean, std, n = value
     text = ("{:+.1f}" if signed else fmt).format(mean)
-    return text if std is None else f"{text} ± {std:.1f}"
+    return text if std is None or n == 1 else f"{text} ± {std:.1f}"
 
 
 def _seeds(row) -> str:
@@ -133,7 +133,7 @@ def groups_markdown(tables: dict[str, pd.DataFrame], metric: str = DEFAULT_METRI
         parts.append(f"**{label}** fixed, {batch} images per worker ({METRICS[metric].label})\n")
         parts.append(f"| {label} | " + " | ".join(str(v) for v in table[key]) + " |")
         parts.append("|---|" + "---|" * len(table))
-        parts.append("| error | " + " | ".join(f"{m:.1f} ± {s:.1f}" for m, s in zip(table["mean"], table["std"]))
-                     + " |")
+        parts.append("| error | " + " | ".join(_cell((m, s, int(n))) for m, s, n in
+                                                zip(table["mean"], table["std"], table["n"])) + " |")
         parts.append("| seeds | " + " | ".join(str(int(n)) for n in table["n"]) + " |\n")
     return "\n".join(parts) if parts else "_no group ablation in these runs_\n"

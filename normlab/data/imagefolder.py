@@ -59,6 +59,8 @@ class ImageTree:
             parts = PurePosixPath(name).parts
             if len(parts) < 3 or PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            if "__MACOSX" in parts or parts[-1].startswith("."):  # archive metadata, not images
+                continue
             split, cls = parts[-3], parts[-2]
             splits.setdefault(split, {}).setdefault(cls, []).append(name)
         return splits
@@ -152,8 +154,15 @@ def decode(selection: Selection, split: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def cache_path(cfg, selection: Selection) -> Path:
-    stat = selection.tree.path.stat()
-    key = f"{selection.tree.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{selection.size}|{selection.classes}"
+    """Keyed by the source and every selected file: a zip by its size and mtime, a folder by each file's."""
+    tree = selection.tree
+    stat = tree.path.stat()
+    files = f"{stat.st_size}|{stat.st_mtime_ns}"
+    if not tree.is_zip:
+        names = [n for split in ("train", selection.test_split) for n in selection.files(split)[0]]
+        files = hashlib.sha1("".join(f"{n}:{(tree.path / n).stat().st_size}:{(tree.path / n).stat().st_mtime_ns}|"
+                                     for n in names).encode()).hexdigest()
+    key = f"{tree.path.resolve()}|{files}|{selection.size}|{selection.classes}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/normlab"))
     return root / f"imagefolder-{selection.tree.path.stem}-{selection.size}px-{digest}.pt"

@@ -36,10 +36,17 @@ class ImageSet:
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-channel mean and std of the training images, in [0, 1] units."""
-        x = self.train_images.transpose(0, 1).reshape(self.train_images.shape[1], -1)
-        mean = torch.stack([c.double().mean() for c in x]) / 255.0
-        std = torch.stack([c.double().std() for c in x]) / 255.0
-        return mean.float(), std.clamp_min(1e-3).float()
+        channels = self.train_images.shape[1]
+        total = torch.zeros(channels, dtype=torch.float64)
+        squares, count = torch.zeros(channels, dtype=torch.float64), 0
+        for chunk in self.train_images.split(4096):  # bounded memory for large sets
+            values = chunk.transpose(0, 1).reshape(channels, -1).double()
+            total += values.sum(1)
+            squares += values.square().sum(1)
+            count += values.shape[1]
+        mean = total / count
+        std = ((squares / count - mean.square()) * count / max(1, count - 1)).clamp_min(0).sqrt()
+        return (mean / 255.0).float(), (std / 255.0).clamp_min(1e-3).float()
 
 
 def from_hwc(images: np.ndarray) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from torchvision.transforms import v2
 
-from normlab.data.device_loader import Batch
+from normlab.data.device_loader import Batch, epoch_generator
 from normlab.data.imagefolder import Selection
 
 
@@ -52,7 +52,7 @@ class StreamLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         sampler = None
         if self.train:
-            sampler = RandomSampler(self.dataset, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            sampler = RandomSampler(self.dataset, generator=epoch_generator(self.seed, epoch, torch.device("cpu")))
         loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=self.train,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)

@@ -116,10 +116,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Run one job into `run_dir`. Returns its summary, or None when it was already done."""
     records = RunDir(run_dir)
     records.path.mkdir(parents=True, exist_ok=True)
-    if records.is_done() and not cfg.trainer.force:
-        log.info("skipping %s: summary.json says done (trainer.force=true reruns it)", records.path)
+    if records.is_final() and not cfg.trainer.force:
+        log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
+                 records.read_summary()["status"])
         return None
-    if cfg.trainer.force:
+    if cfg.trainer.force and records.is_final():  # only a finished run starts over: a requeued job resumes
         for path in (records.summary, records.metrics, records.checkpoint):
             path.unlink(missing_ok=True)
     OmegaConf.save(cfg, records.config, resolve=True)

@@ -25,7 +25,7 @@ def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
 
     from normlab.analysis.collect import collect
     from normlab.analysis.metrics_info import norm_label
-    from normlab.analysis.tables import stats
+    from normlab.analysis.tables import main_setting, stats
 
     runs = collect([sweep_dir])
     done = runs[runs["status"] == "done"]
@@ -35,7 +35,7 @@ def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
     rows = [[None if pd.isna(v) else (int(v) if k in ("groups", "per_worker_batch", "seed") else float(v))
              if k != "norm" else v for k, v in zip(TABLE_COLUMNS, r)]
             for r in done[TABLE_COLUMNS].astype(object).itertuples(index=False)]
-    means = stats(done, ["norm", "per_worker_batch"])
+    means = stats(main_setting(done), ["norm", "per_worker_batch"])
     batches = sorted(means["per_worker_batch"].unique(), reverse=True)
     norms = list(dict.fromkeys(means["norm"]))
     lookup = means.set_index(["norm", "per_worker_batch"])["mean"]
