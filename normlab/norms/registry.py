@@ -8,6 +8,7 @@ a layer is built.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ from normlab.norms.response import FilterResponseNorm2d
 from normlab.options import accepted_options, check_options
 
 
-def no_norm(num_channels: int) -> nn.Module:
+def no_norm(num_channels: int) -> nn.Identity:
     """No normalization: the identity."""
     return nn.Identity()
 
@@ -41,6 +42,11 @@ class NormSpec:
     def options(self) -> dict[str, Any]:
         """Option names and defaults."""
         return accepted_options(self.layer)
+
+    @property
+    def module_type(self) -> type:
+        """The class of the layers it builds: the layer itself, or its factory's return annotation."""
+        return self.layer if isinstance(self.layer, type) else typing.get_type_hints(self.layer)["return"]
 
 
 _SPECS = (
@@ -102,7 +108,9 @@ def build_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
         raise NormChannelError(f"{name}: {e}") from None
 
 
+NORM_TYPES = tuple({spec.module_type for spec in _SPECS} - {nn.Identity})
+
+
 def is_norm(module: nn.Module) -> bool:
     """Whether `module` is a normalization layer from this registry (the identity excluded)."""
-    return isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, BatchRenorm2d, FilterResponseNorm2d,
-                               EvoNormB0, EvoNormS0))
+    return isinstance(module, NORM_TYPES)
