@@ -159,3 +159,14 @@ def test_the_report_side_never_imports_torch():
     code = ("import sys, normlab.cli, normlab.analysis.report, normlab.analysis.wandb_source; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_cell_whose_runs_all_diverged_says_so(tmp_path):
+    fake_run(tmp_path, "bn32", "bn", 32, 0, 10.0)
+    fake_run(tmp_path, "gn32", "gn", 32, 0, 11.0)
+    fake_run(tmp_path, "gn2", "gn", 2, 0, 11.5)
+    fake_run(tmp_path, "bn2a", "bn", 2, 0, None, status="diverged")
+    fake_run(tmp_path, "bn2b", "bn", 2, 1, None, status="diverged")
+    report_main([str(tmp_path)])
+    table = (tmp_path / "report" / "table_batch_size.md").read_text()
+    assert "| BN | 10.0 | diverged 2/2 | 1 |" in table and "| GN − BN | +1.0 | – |" in table

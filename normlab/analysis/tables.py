@@ -42,24 +42,38 @@ def stats(runs: pd.DataFrame, by: list[str], metric: str = DEFAULT_METRIC) -> pd
 
 
 def batch_size_table(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFrame:
-    """Rows: norms (and GN−BN); columns: per-worker batch, largest first. Cells hold mean, std and n."""
+    """Rows: norms (and GN−BN); columns: per-worker batch, largest first. Cells hold mean, std and n, or,
+    where no run finished, what became of the runs (e.g. "diverged 2/2"), so a lost cell is never blank."""
     s = stats(main_setting(runs), ["norm", "per_worker_batch"], metric)
     if s.empty:
         return pd.DataFrame()
-    batches = sorted(s["per_worker_batch"].unique(), reverse=True)
+    attempted = runs[runs["per_worker_batch"].notna() & runs["norm"].isin(s["norm"])]
+    batches = sorted(set(s["per_worker_batch"]) | set(attempted["per_worker_batch"]), reverse=True)
     norms = sorted(s["norm"].unique(), key=norm_sort_key)
     table = {}
     for norm in norms:
         rows = s[s["norm"] == norm].set_index("per_worker_batch")
         table[norm] = {int(b): (rows.loc[b, "mean"], rows.loc[b, "std"], int(rows.loc[b, "n"])) if b in rows.index
-                       else None for b in batches}
+                       else _outcome(attempted[(attempted["norm"] == norm) & (attempted["per_worker_batch"] == b)])
+                       for b in batches}
     if "bn" in table and "gn" in table:
         table["gn−bn"] = {b: (table["gn"][b][0] - table["bn"][b][0], None, None)
-                          if table["gn"][b] and table["bn"][b] else None for b in table["bn"]}
+                          if isinstance(table["gn"][b], tuple) and isinstance(table["bn"][b], tuple) else None
+                          for b in table["bn"]}
     return pd.DataFrame(table).T
 
 
+def _outcome(runs: pd.DataFrame) -> str | None:
+    """What became of runs with no result: "diverged 2/3, failed 1/3"."""
+    if runs.empty:
+        return None
+    counts = runs["status"].fillna("unknown").value_counts()
+    return ", ".join(f"{status} {n}/{len(runs)}" for status, n in counts.items())
+
+
 def _cell(value, fmt: str = "{:.1f}", signed: bool = False) -> str:
+    if isinstance(value, str):
+        return value
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
     mean, std, n = value
@@ -68,7 +82,7 @@ def _cell(value, fmt: str = "{:.1f}", signed: bool = False) -> str:
 
 
 def _seeds(row) -> str:
-    counts = sorted({v[2] for v in row if v is not None and not (isinstance(v, float) and pd.isna(v)) and v[2]})
+    counts = sorted({v[2] for v in row if isinstance(v, tuple) and v[2]})
     return "" if not counts else str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
 
 
