@@ -216,6 +216,11 @@ def validate(cfg: DictConfig) -> None:
            "valid: offline, online, disabled")
     _check_device(cfg.trainer.device)
     shape = describe(cfg.data)  # checks the data name, its options and that its files exist
+    total = cfg.batch.per_worker * cfg.batch.workers
+    if shape.train_size is not None and total > shape.train_size:
+        raise ConfigError(f"batch.per_worker × batch.workers = {cfg.batch.per_worker} × {cfg.batch.workers} = {total} "
+                          f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
+                          f"step's batch; lower batch.per_worker or batch.workers")
     _check_model(cfg, shape)
 
 

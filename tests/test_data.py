@@ -143,7 +143,7 @@ def test_imagefolder_reads_a_tree_or_a_zip(tmp_path, as_zip):
     write_image_tree(tree)
     root = zip_tree(tree, tmp_path / "tree.zip", prefix="wrapped/") if as_zip else tree
     cfg = data_cfg(name="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3)
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3, train_size=18)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (18, 3, 8, 8) and image_set.test_images.shape == (9, 3, 8, 8)
     assert image_set.classes == ["cat", "dog", "emu"]
@@ -206,7 +206,7 @@ def test_the_real_cifar10_jpeg_zip(tmp_path):
     if not Path(CIFAR10_JPEG).exists():
         pytest.skip(f"the CIFAR-10 JPEG zip is not at {CIFAR10_JPEG}; set NORMLAB_CIFAR10_JPEG to its path")
     cfg = data_cfg(name="imagefolder", root=CIFAR10_JPEG, cache_dir=str(tmp_path))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10)
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10, train_size=50_000)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (50_000, 3, 32, 32) and image_set.test_images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(image_set.train_labels).tolist() == [5000] * 10

@@ -171,7 +171,8 @@ def cache_path(cfg, selection: Selection) -> Path:
 class ImageFolderSource:
     def describe(self, cfg) -> DataShape:
         selection = select(cfg)
-        return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes))
+        return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes),
+                         train_size=len(selection.files("train")[0]))
 
     def fits_in_memory(self, cfg) -> bool:
         selection = select(cfg)

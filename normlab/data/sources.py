@@ -22,6 +22,7 @@ class DataShape:
     channels: int
     size: int
     num_classes: int
+    train_size: int | None = None  # training images, where known without reading them
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Digits:
     test_fraction, split_seed = 0.2, 0
 
     def describe(self, cfg) -> DataShape:
-        return DataShape(channels=1, size=8, num_classes=10)
+        return DataShape(channels=1, size=8, num_classes=10, train_size=1437)
 
     def load(self, cfg) -> ImageSet:
         from sklearn.datasets import load_digits
@@ -91,7 +92,7 @@ class Cifar:
                 f"data.root={str(root)!r} does not hold CIFAR-{self.num_classes} (no {self.folder}/ in it) "
                 f"and data.download=false; set data.download=true, or point data.root at a folder that holds it"
             )
-        return DataShape(channels=3, size=32, num_classes=self.num_classes)
+        return DataShape(channels=3, size=32, num_classes=self.num_classes, train_size=50_000)
 
     def load(self, cfg) -> ImageSet:
         from torchvision import datasets
@@ -111,7 +112,8 @@ class Synthetic:
         for key in ("num_train", "num_test", "channels", "size"):
             if cfg[key] < 1:
                 raise ConfigError(f"data.{key}={cfg[key]} is invalid: must be >= 1")
-        return DataShape(channels=cfg.channels, size=cfg.size, num_classes=cfg.num_classes or 10)
+        return DataShape(channels=cfg.channels, size=cfg.size, num_classes=cfg.num_classes or 10,
+                         train_size=cfg.num_train)
 
     def load(self, cfg) -> ImageSet:
         shape = self.describe(cfg)
