@@ -163,7 +163,8 @@ def share_machine(cfg: DictConfig, launcher: Mapping | None = None, job_num: int
         if budget is not None:
             cfg.trainer.threads = budget
             k = concurrent_jobs(launcher, cpus)
-            notes.append(f"trainer.threads={budget}" + (f" ({cpus} CPUs / {k} jobs at once)" if k else " (cpus_per_task)"))
+            where = f" ({cpus} CPUs / {k} jobs at once)" if k else " (cpus_per_task)"
+            notes.append(f"trainer.threads={budget}{where}")
     slots = 0
     if str(cfg.trainer.device) == "auto":
         import torch
@@ -342,8 +343,9 @@ class SweepProgress(Callback):
             tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no job reported back"
             scored = [e for e in mine if isinstance(e.get("val_error"), (int, float))]
             best = min(scored, key=lambda e: e["val_error"]) if scored else None
+            best_text = f" · best val error {_percent(best['val_error'])} ({best['job']})" if best else ""
             log.info("sweep finished: %d of %s jobs reported · %s%s · %s", len(mine), self.total or "?", tally,
-                     f" · best val error {_percent(best['val_error'])} ({best['job']})" if best else "", self.sweep_dir)
+                     best_text, self.sweep_dir)
         except Exception as e:  # noqa: BLE001
             log.warning("sweep progress: no tally (%s: %s)", type(e).__name__, e)
 
