@@ -96,6 +96,7 @@ class TrainerConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA and on CPUs with native bf16, else fp32) | fp32 | bf16
     channels_last: str = "auto"  # auto | true | false
     threads: Optional[int] = None  # CPU threads; None keeps torch's default
+    compile: bool = False  # torch.compile the model (checked against eager for every norm: tests/test_compile.py)
     checkpoint: bool = True  # atomic checkpoint at each epoch end, for resume
     force: bool = False  # rerun even when summary.json says done
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -215,6 +216,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
            "valid: offline, online, disabled")
     _check_device(cfg.trainer.device)
+    _check(not cfg.trainer.compile or REGISTRY[cfg.norm.name].compile_safe, "trainer.compile", cfg.trainer.compile,
+           f"torch.compile does not match eager for norm={cfg.norm.name} (tests/test_compile.py); "
+           f"use trainer.compile=false")
     shape = describe(cfg.data)  # checks the data name, its options and that its files exist
     total = cfg.batch.per_worker * cfg.batch.workers
     if shape.train_size is not None and total > shape.train_size:

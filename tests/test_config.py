@@ -111,6 +111,8 @@ def test_norm_schema_takes_only_that_norms_options():
     (["trainer.progress=yes"], r"trainer\.progress='yes' is invalid: valid: auto, true, false"),
     (["data=synthetic", "data.num_train=100"], r"batch\.per_worker × batch\.workers = 32 × 8 = 256 is invalid: "
                                                r"data=synthetic has 100 training images"),
+    (["norm=brn", "trainer.compile=true"], r"trainer\.compile=True is invalid: torch\.compile does not match eager "
+                                             r"for norm=brn"),
     (["trainer.device=tpu"], r"trainer\.device='tpu' is invalid: valid: auto, cpu, cuda, cuda:N"),
 ])
 def test_validate_names_the_key_and_what_is_valid(overrides, message):

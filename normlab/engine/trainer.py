@@ -136,7 +136,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
     status, rows, wall_time = "failed", [], 0.0
-    extra: dict[str, Any] = {"device": device.type, "precision": precision,
+    extra: dict[str, Any] = {"device": device.type, "precision": precision, "compiled": bool(cfg.trainer.compile),
                              "memory_format": "channels_last" if channels_last else "contiguous"}
     try:
         loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
@@ -145,6 +145,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                             **model_options(cfg)).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
         steps = len(loaders.train)
         if steps == 0:
             raise ValueError(f"the training set has {loaders.train.num_samples} images, fewer than one total batch "
@@ -172,7 +173,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
             lr = optimizer.param_groups[0]["lr"]
             train_metrics, epoch_time = train_epoch(
-                model, loaders.train.epoch(epoch), optimizer, schedule, device=device, precision=precision,
+                forward, loaders.train.epoch(epoch), optimizer, schedule, device=device, precision=precision,
                 label_smoothing=cfg.optim.label_smoothing,
                 progress=bar.epoch(epoch, cfg.trainer.epochs, steps, eff.total_batch))
             wall_time += epoch_time
@@ -183,7 +184,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                 status = "diverged"
                 extra["diverged_epoch"] = epoch
             elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
-                val = evaluate(model, loaders.test.epoch(epoch), device=device, precision=precision)
+                val = evaluate(forward, loaders.test.epoch(epoch), device=device, precision=precision)
                 row.update(val_loss=val["loss"], val_error=val["error"])
                 if loaders.shape.num_classes > 10:
                     row["val_error_top5"] = val["error_top5"]

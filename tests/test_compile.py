@@ -1,0 +1,57 @@
+"""torch.compile against eager, for every norm, in train and eval mode: inductor has had bugs with norm
+layers, so `trainer.compile=true` is only trusted where this holds. Slow (inductor compiles on the CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from normlab.engine.trainer import train
+from normlab.norms import NORMS, REGISTRY, build_norm
+
+pytestmark = pytest.mark.slow
+
+
+def options(name: str) -> dict:
+    opts = {"workers": 2} if REGISTRY[name].batch_dependent else {}
+    if "groups" in REGISTRY[name].options:
+        opts["groups"] = 4
+    if name == "brn":
+        opts.update(warmup_steps=0, ramp_steps=0, r_max=1.5, d_max=0.5)
+    return opts
+
+
+@pytest.mark.parametrize("name", [n for n in NORMS if REGISTRY[n].compile_safe])
+def test_compiled_norm_matches_eager_in_train_and_eval(name):
+    torch.manual_seed(0)
+    eager = build_norm(name, 8, **options(name))
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.copy_(torch.rand_like(p) + 0.5)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin)
+    for step in range(2):  # the second step sees updated running statistics
+        x = torch.randn(8, 8, 6, 6) * 2 + step
+        grad = torch.randn_like(x)
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ya, yb = eager(xa), compiled(xb)
+        ya.backward(grad)
+        yb.backward(grad)
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-5, rtol=1e-5)
+    for (key, a), (_, b) in zip(eager.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5, msg=key)
+    for (key, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=key)
+    eager.eval(), twin.eval()
+    x = torch.randn(4, 8, 6, 6)
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compiled_run_matches_an_eager_one(tiny, tmp_path):
+    eager = train(tiny("trainer.precision=fp32", "trainer.epochs=2"), tmp_path / "eager")
+    compiled = train(tiny("trainer.precision=fp32", "trainer.epochs=2", "trainer.compile=true"), tmp_path / "compiled")
+    assert compiled["compiled"] and not eager["compiled"]
+    assert compiled["val_error"] == pytest.approx(eager["val_error"], abs=7.0)  # 32 test images: 1 image is 3.1%
