@@ -17,8 +17,8 @@ fi
 log() { echo "== $*" | tee -a "$out/summary.txt"; }
 log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) · $(python3 -c 'import torch; print("torch", torch.__version__)')"
 
-log "tests on the GPU machine: CUDA paths, norms, models"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_norms.py tests/test_models.py -m "not slow" \
+log "tests on the GPU machine: CUDA paths, compile vs eager, norms, models"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py tests/test_norms.py tests/test_models.py \
   > "$out/tests.txt" 2>&1
 tail -1 "$out/tests.txt" | tee -a "$out/summary.txt"
 
