@@ -59,15 +59,19 @@ def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def _metrics_line(row: dict[str, Any]) -> str:
+    return json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n"
+
+
 def write_metrics(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     """Write all epoch rows at once (atomically), e.g. to realign the file with a checkpoint."""
-    text = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in rows)
+    text = "".join(_metrics_line(row) for row in rows)
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def append_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n")
+        f.write(_metrics_line(row))
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from normlab import search_path, sweep
-from normlab.config import ConfigError, register_configs, validate
+from normlab.config import ConfigError, register_configs
 
 log = logging.getLogger("normlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -44,16 +44,14 @@ def main(cfg: DictConfig) -> str:
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        validate(cfg)
+        with sweep.share_machine(cfg):  # parallel jobs: a CPU-threads budget each, a GPU each
+            summary = train(cfg, run_dir)  # validates first: ConfigError before anything is read
     except ConfigError as e:
         if in_multirun():
             log.error("invalid job, skipped: %s", e)
             return "invalid"
         print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    try:
-        with sweep.share_machine(cfg):  # parallel jobs: a CPU-threads budget each, a GPU each
-            summary = train(cfg, run_dir)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()
         if not in_multirun():
             raise

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import model_options, norm_options
+from normlab.config import model_options, norm_options, validate
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.optim import build_optimizer, build_schedule
@@ -113,7 +113,11 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Run one job into `run_dir`. Returns its summary, or None when it was already done."""
+    """Run one job into `run_dir`. Returns its summary, or None when it was already done.
+
+    Bad input raises ``ConfigError`` from ``validate`` before anything is read or written.
+    """
+    validate(cfg)
     records = RunDir(run_dir)
     records.path.mkdir(parents=True, exist_ok=True)
     if records.is_final() and not cfg.trainer.force:
@@ -146,10 +150,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
-        steps = len(loaders.train)
-        if steps == 0:
-            raise ValueError(f"the training set has {loaders.train.num_samples} images, fewer than one total batch "
-                             f"of {eff.total_batch}; lower batch.per_worker or batch.workers")
+        steps = len(loaders.train)  # >= 1: validate checked the batch against the training set
         optimizer = build_optimizer(model, cfg.optim, eff.lr)
         schedule = build_schedule(optimizer, cfg.schedule, steps, cfg.trainer.epochs)
         extra.update(train_size=loaders.train.num_samples, test_size=loaders.test.num_samples,
@@ -204,15 +205,12 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     except BaseException as e:
         status = "failed"
         extra["error"] = f"{type(e).__name__}: {e}"
+        raise
+    finally:  # every ending, a failure too, leaves its summary and closes the W&B run
         summary = summarize(cfg, rows, status, wall_time, extra)
         write_json(records.summary, summary)
         logger.log_summary(summary)
-        logger.finish(exit_code=1)
-        raise
-    summary = summarize(cfg, rows, status, wall_time, extra)
-    write_json(records.summary, summary)
-    logger.log_summary(summary)
-    logger.finish()
+        logger.finish(exit_code=int(status == "failed"))
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
              summary["val_error_median5"], wall_time, records.summary)
     return summary
