@@ -64,6 +64,9 @@ class DataConfig:
     loader_workers: int = 4  # DataLoader workers for streamed image folders
     cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default ~/.cache/normlab)
     eval_batch: int = 512
+    train_subset: Optional[int] = None  # a seeded, class-stratified subset of this many training images
+    test_subset: Optional[int] = None  # the same for the test set (default: the whole test set)
+    subset_seed: int = 0  # picks the subsets; fixed across run seeds, so every run sees the same images
 
 
 @dataclass
@@ -97,6 +100,7 @@ class TrainerConfig:
     channels_last: str = "auto"  # auto | true | false
     threads: Optional[int] = None  # CPU threads; None keeps torch's default
     compile: bool = False  # torch.compile the model (checked against eager for every norm: tests/test_compile.py)
+    cuda_graph: bool = False  # CUDA only: capture the whole training step as a CUDA graph (small batches gain most)
     checkpoint: bool = True  # atomic checkpoint at each epoch end, for resume
     force: bool = False  # rerun even when summary.json says done
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -219,6 +223,11 @@ def validate(cfg: DictConfig) -> None:
     _check(not cfg.trainer.compile or REGISTRY[cfg.norm.name].compile_safe, "trainer.compile", cfg.trainer.compile,
            f"torch.compile does not match eager for norm={cfg.norm.name} (tests/test_compile.py); "
            f"use trainer.compile=false")
+    if cfg.trainer.cuda_graph:
+        _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
+        _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
+               f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
+               f"use trainer.cuda_graph=false")
     shape = describe(cfg.data)  # checks the data name, its options and that its files exist
     total = cfg.batch.per_worker * cfg.batch.workers
     if shape.train_size is not None and total > shape.train_size:
@@ -235,6 +244,12 @@ def _check_device(device: str) -> None:
            "valid: auto, cpu, cuda, cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={device!r} is invalid: CUDA is not available here; use auto or cpu")
+
+
+def _resolves_to_cuda(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def _check_model(cfg: DictConfig, shape) -> None:

@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from normlab.data.device_loader import DeviceLoader, Normalize  # noqa: E402
 from normlab.engine.loop import train_epoch  # noqa: E402
+from normlab.engine.optim import Schedule  # noqa: E402
+from normlab.engine.step import CudaGraphStep, TrainStep  # noqa: E402
 from normlab.engine.trainer import resolve_channels_last, resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
 from normlab.norms import PerWorkerBatchNorm2d  # noqa: E402
@@ -106,10 +108,12 @@ def sync(device: torch.device) -> None:
 
 
 class NormlabLoop:
-    def __init__(self, model_name, norm, per_worker, workers, images, labels, device):
+    def __init__(self, model_name, norm, per_worker, workers, images, labels, device, *, channels_last="auto",
+                 cuda_graph=False):
         self.device = device
         self.precision = resolve_precision("auto", device)
-        self.channels_last = resolve_channels_last("auto", device, norm)
+        self.channels_last = resolve_channels_last(channels_last, device, norm)
+        self.cuda_graph = cuda_graph
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, self.channels_last)
         self.loader = DeviceLoader(x, torch.from_numpy(labels).long().to(device), per_worker * workers, normalize,
@@ -117,8 +121,15 @@ class NormlabLoop:
         self.model = build_model(model_name, 10, norm_node(norm, model_name), workers=workers).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 1.0)
+        params = [{"params": list(self.model.parameters()), "weight_decay": 1e-4}]
+        if cuda_graph:
+            params[0]["lr"] = torch.tensor(0.01, device=device)
+        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=cuda_graph or None)
+        self.schedule = Schedule(self.optimizer, lambda step: 1.0)
+        self.step = TrainStep(self.model, self.optimizer, device=device, precision=self.precision,
+                              autocast_cache=not cuda_graph)
+        if cuda_graph:
+            self.step = CudaGraphStep(self.step)
         self.epoch = itertools.count(1)
 
     def batches(self, steps: int):
@@ -130,14 +141,13 @@ class NormlabLoop:
     def run(self, steps: int) -> float:
         sync(self.device)
         start = time.perf_counter()
-        train_epoch(self.model, self.batches(steps), self.optimizer, self.schedule, device=self.device,
-                    precision=self.precision)
+        train_epoch(self.step, self.batches(steps), self.schedule)
         sync(self.device)
         return time.perf_counter() - start
 
     @property
     def setting(self) -> str:
-        return f"{self.precision}{' channels_last' if self.channels_last else ''}"
+        return f"{self.precision}{' channels_last' if self.channels_last else ''}{' graph' if self.cuda_graph else ''}"
 
 
 class ReferenceLoop:
@@ -200,12 +210,21 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=4096, help="training images to load (default: 4096)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
+                        help="normlab's memory format (default: auto, what training picks for the device and norm)")
+    parser.add_argument("--cuda-graph", default="auto", choices=["auto", "true", "false"],
+                        help="normlab's step as a CUDA graph (default: auto, on CUDA)")
+    parser.add_argument("--skip-reference", action="store_true",
+                        help="time normlab alone (for layout and CUDA-graph ablations); ratio columns stay empty")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
+    if args.cuda_graph == "true" and device.type != "cuda":
+        parser.error(f"--cuda-graph=true needs a CUDA device; the device here is {device}")
+    cuda_graph = args.cuda_graph == "true" or (args.cuda_graph == "auto" and device.type == "cuda")
     images, labels, source = load_images(args.images)
     cores = os.cpu_count() or 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -218,19 +237,27 @@ def main(argv=None) -> int:
           f"{'ratio':>6s}  {'setting':22s} {'peak MB (nl/ref)':>16s}")
     for model, norm, n, w in itertools.product(args.models, args.norms, args.per_worker, args.workers):
         batch = n * w
-        ours = NormlabLoop(model, norm, n, w, images, labels, device)
-        ref = ReferenceLoop(model, norm, batch, images, labels, device, cores)
+        ours = NormlabLoop(model, norm, n, w, images, labels, device, channels_last=args.channels_last,
+                           cuda_graph=cuda_graph)
         t_ours, m_ours = measure(ours, args.steps, args.warmup, 1, device)
-        t_ref, m_ref = measure(ref, args.steps, args.warmup, 1, device)
+        ref, t_ref, m_ref = None, None, None
+        if not args.skip_reference:
+            ref = ReferenceLoop(model, norm, batch, images, labels, device, cores)
+            t_ref, m_ref = measure(ref, args.steps, args.warmup, 1, device)
         for _ in range(args.rounds - 1):  # alternate, keep the best of each
-            t_ours, t_ref = min(t_ours, ours.run(args.steps)), min(t_ref, ref.run(args.steps))
-        ours_ips, ref_ips = args.steps * batch / t_ours, args.steps * batch / t_ref
-        memory = "–" if m_ours is None else f"{m_ours:.0f}/{m_ref:.0f}"
-        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} {ref_ips:9.0f} "
-              f"{ours_ips / ref_ips:5.2f}x  {ours.setting:22s} {memory:>16s}")
+            t_ours = min(t_ours, ours.run(args.steps))
+            t_ref = t_ref if ref is None else min(t_ref, ref.run(args.steps))
+        ours_ips = args.steps * batch / t_ours
+        ref_ips = None if ref is None else args.steps * batch / t_ref
+        ratio = None if ref is None else ours_ips / ref_ips
+        memory = "–" if m_ours is None else f"{m_ours:.0f}/{'–' if m_ref is None else f'{m_ref:.0f}'}"
+        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} "
+              f"{'–' if ref is None else f'{ref_ips:.0f}':>9s} {'–' if ratio is None else f'{ratio:5.2f}x':>6s}  "
+              f"{ours.setting:22s} {memory:>16s}")
         rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours.setting, round(ours_ips, 1),
-                                      round(ref_ips, 1), round(ours_ips / ref_ips, 3), m_ours, m_ref])))
-        del ref.iterator, ref.loader
+                                      ref_ips and round(ref_ips, 1), ratio and round(ratio, 3), m_ours, m_ref])))
+        if ref is not None:
+            del ref.iterator, ref.loader
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:

@@ -2,8 +2,13 @@
 # The prepared GPU check, < 8 minutes on one GPU, offline. PyTorch with CUDA must be installed; hydra-core,
 # omegaconf (and their needs) may come as wheels in .whl/, and wandb may be missing (logger=none).
 #   bash scripts/gpu_check.sh /path/to/cifar10-jpeg.zip OUTDIR
-# It runs the CUDA tests and the norm tests on the GPU machine, the norm benchmark, the training benchmark
-# (normlab vs the standard loop) on a GPU grid, and a short gn_batch_size sweep on CIFAR-10 with its report.
+# Steps, most important first, each under its own time limit so that one slow step cannot starve the rest:
+#   1. the CUDA tests (CUDA graph vs eager, every norm on CUDA, a CUDA training run);
+#   2. bench_train: normlab vs the standard loop on a GPU grid, eager vs CUDA graph at small batches,
+#      channels_last vs NCHW per norm, and a profile of the small-batch step;
+#   3. one full CIFAR-10 epoch of resnet20 at N=2 × W=8 (3,125 steps) through a CUDA graph;
+#   4. a short gn_batch_size sweep on CIFAR-10 and its report;
+#   5. the compile-vs-eager tests, the norm numerics check and the norm benchmark.
 # Logs, CSV and markdown tables go to OUTDIR; OUTDIR/summary.txt collects the headlines.
 set -uo pipefail
 zip=${1:?usage: gpu_check.sh CIFAR10_JPEG_ZIP OUTDIR}
@@ -15,31 +20,66 @@ if ! python3 -c "import hydra, omegaconf" 2>/dev/null && ls .whl/*.whl >/dev/nul
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 log() { echo "== $*" | tee -a "$out/summary.txt"; }
+step() {  # step SECONDS LOGNAME COMMAND...: run with a time limit, keep its log, note a failure or timeout
+  local limit=$1 name=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  local rc=$?
+  [ $rc -eq 0 ] || echo "   ($name: exit $rc$([ $rc -eq 124 ] && echo ", over ${limit}s"))" | tee -a "$out/summary.txt"
+  echo "   ($name: $((SECONDS - start))s)" >> "$out/summary.txt"
+}
+bench() { python3 scripts/bench_train.py "$@"; }
 log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) · $(python3 -c 'import torch; print("torch", torch.__version__)')"
 
-log "tests on the GPU machine: CUDA paths, compile vs eager, norms, models"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_compile.py tests/test_norms.py tests/test_models.py \
-  > "$out/tests.txt" 2>&1
-tail -1 "$out/tests.txt" | tee -a "$out/summary.txt"
+log "1. CUDA tests: CUDA graph vs eager, norms on CUDA, a CUDA training run"
+step 150 tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+tail -3 "$out/tests_cuda.txt" | tee -a "$out/summary.txt"
 
-log "numerics: every norm on CUDA vs CPU; per-worker BN vs a loop (fp32, bf16)"
-python3 scripts/cuda_norm_check.py cuda > "$out/cuda_norm_check.txt" 2>&1
+log "2a. bench_train, small batches: eager vs CUDA graph (resnet20, N=2 × W=8) beside the standard loop"
+step 90 bench_small_eager bench --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 30 --warmup 5 \
+  --images 4096 --cuda-graph false --csv "$out/bench_small_eager.csv"
+step 90 bench_small_graph bench --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 60 --warmup 5 \
+  --images 4096 --cuda-graph true --skip-reference --csv "$out/bench_small_graph.csv"
+tail -n +3 "$out/bench_small_eager.txt" "$out/bench_small_graph.txt" | tee -a "$out/summary.txt"
+
+log "2b. bench_train, large batches: resnet18 at N=64, 32 × W=8 (graph on), beside the standard loop"
+step 150 bench_large bench --models resnet18 --norms bn gn --per-worker 64 32 --workers 8 --steps 20 --warmup 5 \
+  --images 8192 --csv "$out/bench_large.csv"
+tail -n +3 "$out/bench_large.txt" | tee -a "$out/summary.txt"
+
+log "2c. layout per norm on CUDA: channels_last vs NCHW (normlab alone)"
+for layout in true false; do
+  step 90 "bench_layout_$layout" bench --models resnet18 --norms bn gn ln in --per-worker 32 --workers 8 --steps 15 \
+    --warmup 5 --images 4096 --channels-last $layout --skip-reference --csv "$out/bench_layout_$layout.csv"
+  tail -n +3 "$out/bench_layout_$layout.txt" | head -5 | tee -a "$out/summary.txt"
+done
+
+log "2d. profile: resnet20 bn N=2 × W=8, eager and graph"
+for graph in false true; do
+  step 60 "profile_graph_$graph" python3 scripts/profile_step.py --model resnet20 --norm bn --per-worker 2 \
+    --workers 8 --cuda-graph $graph
+  head -6 "$out/profile_graph_$graph.txt" | tee -a "$out/summary.txt"
+done
+
+log "3. one CIFAR-10 epoch of resnet20 at N=2 × W=8 (3,125 steps), CUDA graph"
+step 120 epoch python3 -m normlab.train -m data=cifar10_jpeg model=resnet20 norm=bn,gn8 \
+  batch.per_worker=2 trainer.epochs=1 trainer.cuda_graph=true trainer.checkpoint=false trainer.progress=false \
+  logger=none name=epoch "hydra.sweep.dir=$out/epoch"
+grep -hE "epoch 1/1|error" "$out/epoch.txt" | sed 's/.*\] - //' | tee -a "$out/summary.txt"
+
+log "4. short gn_batch_size sweep (resnet18, 2 epochs, N ∈ {32, 8}, W=8, CUDA graph) and its report"
+step 150 sweep python3 -m normlab.train -m experiment=gn_batch_size data=cifar10_jpeg batch.per_worker=32,8 seed=0 \
+  trainer.epochs=2 trainer.cuda_graph=true trainer.checkpoint=false trainer.progress=false logger=none \
+  "hydra.sweep.dir=$out/sweep"
+grep -E "sweep: |sweep finished" "$out/sweep.txt" | sed 's/.*\] //' | tee -a "$out/summary.txt"
+step 60 report python3 -m normlab.cli "$out/sweep" --out "$out/report" && \
+  cat "$out/report/table_batch_size.md" | tee -a "$out/summary.txt"
+
+log "5. compile vs eager on CUDA, norm numerics, norm benchmark"
+step 150 tests_compile python3 -m pytest -q -p no:cacheprovider tests/test_compile.py
+tail -1 "$out/tests_compile.txt" | tee -a "$out/summary.txt"
+step 60 cuda_norm_check python3 scripts/cuda_norm_check.py cuda
 tail -1 "$out/cuda_norm_check.txt" | tee -a "$out/summary.txt"
-
-log "bench_norms on CUDA"
-python3 scripts/bench_norms.py --device cuda --seconds 2 --csv "$out/bench_norms_cuda.csv" > "$out/bench_norms_cuda.txt" 2>&1
+step 60 bench_norms python3 scripts/bench_norms.py --device cuda --seconds 1 --csv "$out/bench_norms_cuda.csv"
 sed -n '/targets/,$p' "$out/bench_norms_cuda.txt" | tee -a "$out/summary.txt"
-
-log "bench_train on CUDA: normlab vs the standard loop"
-python3 scripts/bench_train.py --models resnet20 resnet18 --norms bn gn --per-worker 64 32 2 --workers 8 --steps 20 \
-  --images 8192 --csv "$out/bench_train_cuda.csv" > "$out/bench_train_cuda.txt" 2>&1
-tail -n +3 "$out/bench_train_cuda.txt" | tee -a "$out/summary.txt"
-
-log "short gn_batch_size sweep on CIFAR-10 (resnet18, 2 epochs, N ∈ {32, 8}, W=8) and its report"
-python3 -m normlab.train -m experiment=gn_batch_size data=cifar10_jpeg data.cache_dir="$out/cache" \
-  batch.per_worker=32,8 seed=0 trainer.epochs=2 trainer.progress=false logger=none \
-  "hydra.sweep.dir=$out/sweep" > "$out/sweep.log" 2>&1
-grep -E "sweep: |sweep finished" "$out/sweep.log" | sed 's/.*\] //' | tee -a "$out/summary.txt"
-python3 -m normlab.cli "$out/sweep" --out "$out/report" > "$out/report.log" 2>&1 && cat "$out/report/table_batch_size.md" \
-  | tee -a "$out/summary.txt"
-rm -rf "$out/cache" "$out"/sweep/*/checkpoint.pt
+rm -rf "$out"/*/*/checkpoint.pt "$out"/*/*/wandb

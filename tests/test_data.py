@@ -90,6 +90,42 @@ def test_digits_split_is_fixed_and_stratified():
     assert torch.bincount(a.test_labels).min() >= 35
 
 
+# ---------------------------------------------------------------- subsets
+
+def test_train_subset_is_class_stratified_seeded_and_leaves_the_test_set_whole():
+    cfg = data_cfg(name="digits", train_subset=500)
+    a = datasets.build(cfg, 10, torch.device("cpu"), seed=0)
+    b = datasets.build(cfg, 10, torch.device("cpu"), seed=5)  # the run seed does not move the subset
+    full = datasets.SOURCES["digits"]().load(cfg)
+    assert a.train.num_samples == 500 and a.test.num_samples == 360
+    assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.train.images, b.train.images)
+    shares = torch.bincount(full.train_labels).double() * 500 / 1437  # each class at its share, ±1
+    assert ((torch.bincount(a.train.labels) - shares).abs() < 1).all()
+    rows = {tuple(x.flatten().tolist()) for x in full.train_images}  # every subset image is a training image
+    assert all(tuple(x.flatten().tolist()) in rows for x in a.train.images.cpu())
+    other = datasets.build(data_cfg(name="digits", train_subset=500, subset_seed=1), 10, torch.device("cpu"), seed=0)
+    assert not torch.equal(a.train.images, other.train.images)
+
+
+def test_test_subset_and_the_described_train_size():
+    cfg = data_cfg(name="digits", train_subset=100, test_subset=50)
+    assert datasets.describe(cfg).train_size == 100
+    loaders = datasets.build(cfg, 10, torch.device("cpu"), seed=0)
+    assert (loaders.train.num_samples, loaders.test.num_samples) == (100, 50)
+    full = datasets.SOURCES["digits"]().load(cfg).test_labels
+    assert ((torch.bincount(loaders.test.labels) - torch.bincount(full) * 50 / 360).abs() < 1).all()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(train_subset=5), r"data.train_subset=5 is invalid: .* at least one image per class \(10 classes\)"),
+    (dict(test_subset=0), r"data.test_subset=0 is invalid"),
+    (dict(train_subset=2000), r"data.train_subset=2000 is invalid: data=digits has 1437 training images"),
+])
+def test_bad_subsets_are_named(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        datasets.describe(data_cfg(name="digits", **setting))
+
+
 def write_fake_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> None:
     """The torchvision CIFAR-10 pickle layout, with random content."""
     folder = root / "cifar-10-batches-py"

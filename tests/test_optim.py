@@ -47,3 +47,70 @@ def test_weight_decay_on_everything_by_default_and_optionally_not_on_norms_and_b
     norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert {id(p) for p in no_decay["params"]} == norm_params | {id(model.fc.bias)}
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 1e-4 and decay["nesterov"]
+
+
+def test_schedule_sets_float_and_tensor_lrs_alike_and_fills_tensors_in_place():
+    from normlab.engine.optim import Schedule
+
+    cfg = compose_config(["schedule=step"])
+    factor = LRFactor(cfg.schedule, 2, 10)  # ÷10 at steps 6, 12, 18
+    plain = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4)
+    lr = torch.tensor(0.4)
+    tensor = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": lr}], lr=0.4)
+    schedules = Schedule(plain, factor), Schedule(tensor, factor)
+    for step in range(20):
+        expected = 0.4 * factor(step)
+        assert plain.param_groups[0]["lr"] == pytest.approx(expected)
+        assert tensor.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(expected)  # the same tensor
+        for schedule in schedules:
+            schedule.step()
+    resumed = Schedule(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.4), factor)
+    resumed.load_state_dict(schedules[0].state_dict())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * factor(20))
+
+
+def test_capturable_optimizer_steps_like_the_plain_one():
+    """The CUDA-graph optimizer (fused SGD reading a tensor lr) against torch's default SGD, on the CPU."""
+    cfg = compose_config([])
+    results = []
+    for capturable in (False, True):
+        torch.manual_seed(0)
+        model = build_model("resnet8", 10, "bn")
+        optimizer = build_optimizer(model, cfg.optim, 0.1, capturable=capturable)
+        for _ in range(3):
+            loss = model(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        results.append(model.state_dict())
+    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, msg=key)
+
+
+def test_a_cuda_graph_step_refuses_a_float_lr_before_touching_cuda():
+    from normlab.engine.step import CudaGraphStep, TrainStep
+
+    model = build_model("resnet8", 10, "bn")
+    optimizer = build_optimizer(model, compose_config([]).optim, 0.1)
+    with pytest.raises(ValueError, match="capturable=True"):
+        CudaGraphStep(TrainStep(model, optimizer, device=torch.device("cpu"), precision="fp32",
+                                autocast_cache=False))
+
+
+def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
+    from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from normlab.engine.optim import build_schedule
+
+    cfg = compose_config([])
+    model = build_model("resnet8", 10, "bn")
+    optimizer = build_optimizer(model, cfg.optim, 0.1, capturable=True)
+    schedule = build_schedule(optimizer, cfg.schedule, 10, 10)
+    for _ in range(35):  # past the first ÷10 at step 30
+        schedule.step()
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=optimizer, schedule=schedule, epoch=3, metrics=[],
+                    wall_time_s=0.0)
+    fresh = build_optimizer(model, cfg.optim, 0.1, capturable=True)
+    lr = fresh.param_groups[0]["lr"]
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01)

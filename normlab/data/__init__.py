@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from normlab.data.device_loader import DeviceLoader, Normalize
+from normlab.config import ConfigError
 from normlab.data.sources import SOURCES, DataShape, source
+from normlab.data.subset import subset
 
 
 IMAGENET_MEAN, IMAGENET_STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
@@ -22,17 +24,35 @@ class Loaders:
 
 
 def describe(cfg) -> DataShape:
-    return source(cfg.name).describe(cfg)
+    """The source's shape, with ``train_size`` after ``data.train_subset``; checks the subset sizes."""
+    shape = source(cfg.name).describe(cfg)
+    for split in ("train", "test"):
+        size = cfg[f"{split}_subset"]
+        if size is None:
+            continue
+        if size < shape.num_classes:
+            raise ConfigError(f"data.{split}_subset={size} is invalid: a class-stratified subset needs at least one "
+                              f"image per class ({shape.num_classes} classes); use >= {shape.num_classes} or null")
+        if split == "train" and shape.train_size is not None and size > shape.train_size:
+            raise ConfigError(f"data.train_subset={size} is invalid: data={cfg.name} has {shape.train_size} training "
+                              f"images; use at most that, or null for all of them")
+        if cfg.name == "imagefolder" and not source(cfg.name).fits_in_memory(cfg):
+            raise ConfigError(f"data.{split}_subset={size} is invalid for a streamed image folder (larger than "
+                              f"data.in_memory_max_gb={cfg.in_memory_max_gb}); subsets are for in-memory data: "
+                              f"pick fewer classes with data.num_classes, or raise data.in_memory_max_gb")
+    if cfg.train_subset is not None:
+        shape = replace(shape, train_size=cfg.train_subset)
+    return shape
 
 
 def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_last: bool = False) -> Loaders:
     """The train loader (batches of exactly `batch_size`) and the test loader, on `device`."""
     src = source(cfg.name)
-    shape = src.describe(cfg)
+    shape = describe(cfg)
     padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, shape.size // 8)
     if cfg.name == "imagefolder" and not src.fits_in_memory(cfg):
         return _streamed(cfg, batch_size, device, seed, channels_last, shape)
-    data = src.load(cfg)
+    data = subset(src.load(cfg), cfg.train_subset, cfg.test_subset, cfg.subset_seed)
     normalize = Normalize(*data.mean_std(), device, channels_last)
 
     def loader(images, labels, train):

@@ -6,7 +6,6 @@ step. The progress callback, when given, may read them every few steps.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from normlab.engine.step import TrainStep, autocast
 
 
 @dataclass
@@ -51,24 +46,19 @@ class Totals:
         return {"loss": loss / n, "error": 100.0 * errors / n, "error_top5": 100.0 * errors5 / n}
 
 
-def train_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, schedule, *, device: torch.device,
-                precision: str, label_smoothing: float = 0.0,
+def train_epoch(step: TrainStep, batches, schedule, *,
                 progress: Callable[[int, Totals], None] | None = None) -> tuple[dict[str, float], float]:
-    """Train on every batch once. Returns the epoch's mean metrics and its wall time in seconds."""
-    model.train()
-    totals = Totals.zeros(device)
+    """Train on every batch once with `step` (eager or a CUDA graph). Returns the epoch's mean metrics and
+    its wall time in seconds."""
+    step.model.train()
+    totals = Totals.zeros(step.device)
     start = time.perf_counter()
-    for step, (images, labels) in enumerate(batches, 1):
-        with autocast(device, precision):
-            logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    for index, (images, labels) in enumerate(batches, 1):
+        logits, loss = step(images, labels)
         schedule.step()
         totals.add(logits, labels, loss * len(labels))
         if progress is not None:
-            progress(step, totals)
+            progress(index, totals)
     metrics = totals.read()  # the one sync of the epoch
     return metrics, time.perf_counter() - start
 

@@ -22,8 +22,15 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg, lr: float, *, capturable: bool = False) -> torch.optim.SGD:
+    """SGD with momentum. `capturable`: the lr lives in a device tensor and the fused kernel reads it there,
+    so a captured CUDA graph sees every change the schedule makes (a float would be baked into the graph)."""
     groups = parameter_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+    if capturable:
+        device = next(model.parameters()).device
+        for group in groups:
+            group["lr"] = torch.tensor(lr, device=device)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
 
@@ -46,5 +53,38 @@ class LRFactor:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, LRFactor(cfg, steps_per_epoch, epochs))
+class Schedule:
+    """Sets every group's lr to its base lr × factor(step) after each step; checkpointed as the step count.
+
+    A tensor lr is filled in place (no host sync, and a captured CUDA graph keeps reading the same
+    tensor), which torch's own schedulers only do in recent releases.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, factor) -> None:
+        self.optimizer, self.factor = optimizer, factor
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def step(self) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor(self.last_step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(base * factor)
+            else:
+                group["lr"] = base * factor
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self.base_lrs = state["last_step"], list(state["base_lrs"])
+        self._apply()
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg, steps_per_epoch: int, epochs: int) -> Schedule:
+    return Schedule(optimizer, LRFactor(cfg, steps_per_epoch, epochs))

@@ -26,6 +26,7 @@ from normlab import data as datasets
 from normlab.config import model_options, norm_options, validate
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
+from normlab.engine.step import CudaGraphStep, TrainStep
 from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.loggers import build_logger
 from normlab.loggers.progress import ProgressBar
@@ -141,6 +142,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
     status, rows, wall_time = "failed", [], 0.0
     extra: dict[str, Any] = {"device": device.type, "precision": precision, "compiled": bool(cfg.trainer.compile),
+                             "cuda_graph": bool(cfg.trainer.cuda_graph),
                              "memory_format": "channels_last" if channels_last else "contiguous"}
     try:
         loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
@@ -151,7 +153,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
             model = model.to(memory_format=torch.channels_last)
         forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
         steps = len(loaders.train)  # >= 1: validate checked the batch against the training set
-        optimizer = build_optimizer(model, cfg.optim, eff.lr)
+        optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=cfg.trainer.cuda_graph)
         schedule = build_schedule(optimizer, cfg.schedule, steps, cfg.trainer.epochs)
         extra.update(train_size=loaders.train.num_samples, test_size=loaders.test.num_samples,
                      steps_per_epoch=steps, num_classes=loaders.shape.num_classes)
@@ -169,13 +171,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                  cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, cfg.batch.workers,
                  eff.total_batch, eff.lr, steps, device, precision, " channels_last" if channels_last else "")
 
+        step = TrainStep(forward, optimizer, device=device, precision=precision,
+                         label_smoothing=cfg.optim.label_smoothing, autocast_cache=not cfg.trainer.cuda_graph)
+        if cfg.trainer.cuda_graph:
+            step = CudaGraphStep(step)
         bar = ProgressBar(ProgressBar.wanted(cfg.trainer.progress))
         status = "done"
         for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])
             train_metrics, epoch_time = train_epoch(
-                forward, loaders.train.epoch(epoch), optimizer, schedule, device=device, precision=precision,
-                label_smoothing=cfg.optim.label_smoothing,
+                step, loaders.train.epoch(epoch), schedule,
                 progress=bar.epoch(epoch, cfg.trainer.epochs, steps, eff.total_batch))
             wall_time += epoch_time
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
