@@ -28,7 +28,7 @@ step() {  # step SECONDS LOGNAME COMMAND...: run with a time limit, keep its log
   [ $rc -eq 0 ] || echo "   ($name: exit $rc$([ $rc -eq 124 ] && echo ", over ${limit}s"))" | tee -a "$out/summary.txt"
   echo "   ($name: $((SECONDS - start))s)" >> "$out/summary.txt"
 }
-bench() { python3 scripts/bench_train.py "$@"; }
+bench=(python3 scripts/bench_train.py)  # an array, not a function: `timeout` runs programs
 log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) · $(python3 -c 'import torch; print("torch", torch.__version__)')"
 
 log "1. CUDA tests: CUDA graph vs eager, norms on CUDA, a CUDA training run"
@@ -36,20 +36,20 @@ step 150 tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 tail -3 "$out/tests_cuda.txt" | tee -a "$out/summary.txt"
 
 log "2a. bench_train, small batches: eager vs CUDA graph (resnet20, N=2 × W=8) beside the standard loop"
-step 90 bench_small_eager bench --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 30 --warmup 5 \
+step 90 bench_small_eager "${bench[@]}" --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 30 --warmup 5 \
   --images 4096 --cuda-graph false --csv "$out/bench_small_eager.csv"
-step 90 bench_small_graph bench --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 60 --warmup 5 \
+step 90 bench_small_graph "${bench[@]}" --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 60 --warmup 5 \
   --images 4096 --cuda-graph true --skip-reference --csv "$out/bench_small_graph.csv"
 tail -n +3 "$out/bench_small_eager.txt" "$out/bench_small_graph.txt" | tee -a "$out/summary.txt"
 
 log "2b. bench_train, large batches: resnet18 at N=64, 32 × W=8 (graph on), beside the standard loop"
-step 150 bench_large bench --models resnet18 --norms bn gn --per-worker 64 32 --workers 8 --steps 20 --warmup 5 \
+step 150 bench_large "${bench[@]}" --models resnet18 --norms bn gn --per-worker 64 32 --workers 8 --steps 20 --warmup 5 \
   --images 8192 --csv "$out/bench_large.csv"
 tail -n +3 "$out/bench_large.txt" | tee -a "$out/summary.txt"
 
 log "2c. layout per norm on CUDA: channels_last vs NCHW (normlab alone)"
 for layout in true false; do
-  step 90 "bench_layout_$layout" bench --models resnet18 --norms bn gn ln in --per-worker 32 --workers 8 --steps 15 \
+  step 90 "bench_layout_$layout" "${bench[@]}" --models resnet18 --norms bn gn ln in --per-worker 32 --workers 8 --steps 15 \
     --warmup 5 --images 4096 --channels-last $layout --skip-reference --csv "$out/bench_layout_$layout.csv"
   tail -n +3 "$out/bench_layout_$layout.txt" | head -5 | tee -a "$out/summary.txt"
 done
