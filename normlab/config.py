@@ -100,7 +100,7 @@ class TrainerConfig:
     channels_last: str = "auto"  # auto | true | false
     threads: Optional[int] = None  # CPU threads; None keeps torch's default
     compile: bool = False  # torch.compile the model (checked against eager for every norm: tests/test_compile.py)
-    cuda_graph: bool = False  # CUDA only: capture the whole training step as a CUDA graph (small batches gain most)
+    cuda_graph: str = "auto"  # auto (on CUDA, unless compile) | true | false: the training step as one CUDA graph
     checkpoint: bool = True  # atomic checkpoint at each epoch end, for resume
     force: bool = False  # rerun even when summary.json says done
     deterministic: bool = False  # torch.use_deterministic_algorithms
@@ -223,11 +223,13 @@ def validate(cfg: DictConfig) -> None:
     _check(not cfg.trainer.compile or REGISTRY[cfg.norm.name].compile_safe, "trainer.compile", cfg.trainer.compile,
            f"torch.compile does not match eager for norm={cfg.norm.name} (tests/test_compile.py); "
            f"use trainer.compile=false")
-    if cfg.trainer.cuda_graph:
+    graph = str(cfg.trainer.cuda_graph).lower()
+    _check(graph in ("auto", "true", "false"), "trainer.cuda_graph", cfg.trainer.cuda_graph, "valid: auto, true, false")
+    if graph == "true":
         _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
         _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
                f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
-               f"use trainer.cuda_graph=false")
+               f"use trainer.cuda_graph=auto or false")
     shape = describe(cfg.data)  # checks the data name, its options and that its files exist
     total = cfg.batch.per_worker * cfg.batch.workers
     if shape.train_size is not None and total > shape.train_size:

@@ -154,3 +154,6 @@ def test_cuda_graph_needs_cuda_and_excludes_compile(tiny):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"trainer.cuda_graph=True is invalid: CUDA graphs need a CUDA device"):
             validate(tiny("trainer.cuda_graph=true"))
+        validate(tiny("trainer.cuda_graph=auto"))  # auto is off on the CPU, not an error
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graph='sometimes' is invalid: valid: auto, true, false"):
+        validate(tiny("trainer.cuda_graph=sometimes"))

@@ -26,6 +26,7 @@ def test_a_cuda_training_run_uses_bf16_and_channels_last(tiny, tmp_path):
     summary = train(tiny("trainer.device=cuda"), tmp_path)
     assert summary["status"] == "done" and summary["device"] == "cuda"
     assert summary["precision"] == "bf16" and summary["memory_format"] == "channels_last"
+    assert summary["cuda_graph"] is True  # auto: on CUDA
 
 
 def graph_and_eager_runs(norm, workers, precision, steps=8):
@@ -79,6 +80,6 @@ def test_a_cuda_graph_training_run(tiny, tmp_path):
     from normlab.engine.trainer import train
 
     graphed = train(tiny("trainer.device=cuda", "trainer.cuda_graph=true"), tmp_path / "graph")
-    eager = train(tiny("trainer.device=cuda"), tmp_path / "eager")
+    eager = train(tiny("trainer.device=cuda", "trainer.cuda_graph=false"), tmp_path / "eager")
     assert graphed["status"] == "done" and graphed["cuda_graph"] is True
     assert abs(graphed["val_error"] - eager["val_error"]) < 15  # same run up to bf16 rounding; tiny data
