@@ -4,7 +4,7 @@ For each cell of model × norm × per-worker batch N × workers W, two loops run
 
 - normlab: uint8 images on the device, crop and flip drawn per sample and applied in batch, per-worker
   norms (W groups of N), the precision and memory format normlab picks for the device and norm, no
-  host-device sync per step;
+  host-device sync per step, and on CUDA the whole step replayed as one CUDA graph (as in training);
 - reference: the loop of pytorch/examples and most CIFAR repos: a Dataset of PIL images with
   RandomCrop(32, 4), RandomHorizontalFlip, ToTensor and Normalize, a DataLoader (num_workers = cores,
   pin_memory on CUDA), fp32, eager, nn.BatchNorm2d / nn.GroupNorm, a literal batch of N·W, loss.item()
@@ -16,6 +16,7 @@ images of the same shape otherwise.
 
     python scripts/bench_train.py                         # the default grid, < 3 minutes on 2 CPU cores
     python scripts/bench_train.py --norms bn gn --per-worker 32 2 --workers 8 --steps 40 --csv out.csv
+    python scripts/bench_train.py --cuda-graph false --skip-reference    # ablations: eager, --compile, --channels-last
 """
 
 from __future__ import annotations
@@ -109,11 +110,11 @@ def sync(device: torch.device) -> None:
 
 class NormlabLoop:
     def __init__(self, model_name, norm, per_worker, workers, images, labels, device, *, channels_last="auto",
-                 cuda_graph=False):
+                 cuda_graph=False, compile=False):
         self.device = device
         self.precision = resolve_precision("auto", device)
         self.channels_last = resolve_channels_last(channels_last, device, norm)
-        self.cuda_graph = cuda_graph
+        self.cuda_graph, self.compile = cuda_graph, compile
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, self.channels_last)
         self.loader = DeviceLoader(x, torch.from_numpy(labels).long().to(device), per_worker * workers, normalize,
@@ -126,7 +127,8 @@ class NormlabLoop:
             params[0]["lr"] = torch.tensor(0.01, device=device)
         self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=cuda_graph or None)
         self.schedule = Schedule(self.optimizer, lambda step: 1.0)
-        self.step = TrainStep(self.model, self.optimizer, device=device, precision=self.precision,
+        forward = torch.compile(self.model) if compile else self.model
+        self.step = TrainStep(forward, self.optimizer, device=device, precision=self.precision,
                               autocast_cache=not cuda_graph)
         if cuda_graph:
             self.step = CudaGraphStep(self.step)
@@ -147,7 +149,8 @@ class NormlabLoop:
 
     @property
     def setting(self) -> str:
-        return f"{self.precision}{' channels_last' if self.channels_last else ''}{' graph' if self.cuda_graph else ''}"
+        flags = [("channels_last", self.channels_last), ("graph", self.cuda_graph), ("compiled", self.compile)]
+        return " ".join([self.precision] + [name for name, on in flags if on])
 
 
 class ReferenceLoop:
@@ -214,6 +217,7 @@ def main(argv=None) -> int:
                         help="normlab's memory format (default: auto, what training picks for the device and norm)")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "true", "false"],
                         help="normlab's step as a CUDA graph (default: auto, on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile normlab's model (trainer.compile)")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time normlab alone (for layout and CUDA-graph ablations); ratio columns stay empty")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
@@ -224,7 +228,9 @@ def main(argv=None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     if args.cuda_graph == "true" and device.type != "cuda":
         parser.error(f"--cuda-graph=true needs a CUDA device; the device here is {device}")
-    cuda_graph = args.cuda_graph == "true" or (args.cuda_graph == "auto" and device.type == "cuda")
+    if args.cuda_graph == "true" and args.compile:
+        parser.error("--cuda-graph=true and --compile exclude each other, as trainer.cuda_graph and trainer.compile do")
+    cuda_graph = args.cuda_graph == "true" or (args.cuda_graph == "auto" and device.type == "cuda" and not args.compile)
     images, labels, source = load_images(args.images)
     cores = os.cpu_count() or 1
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -238,7 +244,7 @@ def main(argv=None) -> int:
     for model, norm, n, w in itertools.product(args.models, args.norms, args.per_worker, args.workers):
         batch = n * w
         ours = NormlabLoop(model, norm, n, w, images, labels, device, channels_last=args.channels_last,
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, compile=args.compile)
         t_ours, m_ours = measure(ours, args.steps, args.warmup, 1, device)
         ref, t_ref, m_ref = None, None, None
         if not args.skip_reference:

@@ -1,8 +1,9 @@
 """Where a training step's time goes: wall time vs GPU kernel time, and kernel launches per step.
 
-A step whose wall time far exceeds its kernel time is bound by launches and Python (a CUDA graph helps);
-one whose kernel time is close to its wall time is bound by the kernels themselves (the top kernels say
-which: convolutions, the norm's reductions, elementwise traffic).
+On CUDA: a step whose wall time far exceeds its kernel time is bound by launches and Python (a CUDA graph
+helps); one whose kernel time is close to its wall time is bound by the kernels themselves (the top
+kernels say which: convolutions, the norm's reductions, elementwise traffic). On the CPU: the ops that
+take each step's time (self time, so a convolution's share is its own arithmetic).
 
     python scripts/profile_step.py --model resnet20 --norm bn --per-worker 2 --workers 8 --cuda-graph true
 """
@@ -46,15 +47,23 @@ def main(argv=None) -> int:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         loop.run(args.steps)
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    kernel_us = sum(e.self_device_time_total for e in events) / args.steps
-    launches = sum(e.count for e in events) / args.steps
-    print(f"{args.model} {args.norm} N={args.per_worker} W={args.workers} · {loop.setting} · "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}")
-    print(f"wall {wall * 1e3:.2f} ms/step · GPU kernels {kernel_us / 1e3:.2f} ms/step "
-          f"({100 * kernel_us / 1e6 / wall:.0f}% busy) · {launches:.0f} kernels/step")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:args.top]:
-        print(f"  {e.self_device_time_total / args.steps / 1e3:7.3f} ms  ×{e.count / args.steps:5.1f}  {e.key[:90]}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.model} {args.norm} N={args.per_worker} W={args.workers} · {loop.setting} · {name}")
+    if device.type == "cuda":
+        events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+        busy_us = sum(e.self_device_time_total for e in events) / args.steps
+        launches = sum(e.count for e in events) / args.steps
+        print(f"wall {wall * 1e3:.2f} ms/step · GPU kernels {busy_us / 1e3:.2f} ms/step "
+              f"({100 * busy_us / 1e6 / wall:.0f}% busy) · {launches:.0f} kernels/step")
+        time_of = lambda e: e.self_device_time_total  # noqa: E731
+    else:  # the CPU runs the ops itself: where does each step's time go, op by op
+        events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+        ops = sum(e.count for e in events) / args.steps
+        print(f"wall {wall * 1e3:.2f} ms/step · {ops:.0f} ops/step")
+        time_of = lambda e: e.self_cpu_time_total  # noqa: E731
+    for e in sorted(events, key=lambda e: -time_of(e))[:args.top]:
+        share = 100 * time_of(e) / args.steps / 1e6 / wall
+        print(f"  {time_of(e) / args.steps / 1e3:7.3f} ms {share:4.0f}%  ×{e.count / args.steps:5.1f}  {e.key[:80]}")
     return 0
 
 

@@ -17,7 +17,7 @@ from normlab.analysis.claims import findings
 from normlab.analysis.collect import collect
 from normlab.analysis.tables import batch_size_table, groups_tables
 from normlab.cli import main as report_main
-from tests.conftest import TINY, run_cli
+from tests.conftest import REPO, TINY, run_cli
 
 EXPECTED_FILES = ["runs.csv", "fig_batch_size.png", "fig_batch_size.pdf", "table_batch_size.md",
                   "table_batch_size.tex", "fig_curves_bn.png", "fig_curves_gn.png", "report.md", "report.html"]
@@ -170,3 +170,20 @@ def test_a_cell_whose_runs_all_diverged_says_so(tmp_path):
     report_main([str(tmp_path)])
     table = (tmp_path / "report" / "table_batch_size.md").read_text()
     assert "| BN | 10.0 | diverged 2/2 | 1 |" in table and "| GN − BN | +1.0 | – |" in table
+
+
+PUBLISHED = REPO / "results" / "reference" / "cifar10_small"
+
+
+def test_the_published_cifar10_study_regenerates_from_its_runs_csv(tmp_path):
+    """normlab-report on the published runs.csv alone (no run directories) rebuilds the committed tables."""
+    assert (PUBLISHED / "runs.csv").exists(), "results/reference/cifar10_small/runs.csv is the published study"
+    assert report_main([str(PUBLISHED / "runs.csv"), "--out", str(tmp_path)]) == 0
+    for table in ("table_batch_size.md", "table_batch_size.tex"):
+        assert (tmp_path / table).read_text() == (PUBLISHED / table).read_text(), table
+    runs = pd.read_csv(PUBLISHED / "runs.csv")
+    assert len(runs) == 24 and set(runs["status"]) == {"done"}  # every run of the grid, none left out
+    means = runs.groupby(["norm", "per_worker_batch"])["val_error_median5"].mean()  # Table 2, the slow way
+    published = (tmp_path / "table_batch_size.md").read_text()
+    for (norm, n), mean in means.items():
+        assert f"{mean:.1f}" in published, (norm, n, mean)

@@ -93,6 +93,11 @@ def test_digits_smoke_learns(tmp_path):
     assert summary["val_error"] < 15.0  # chance is 90%
 
 
+def test_the_summary_records_the_subset_sizes(tiny, tmp_path):
+    summary = train(tiny("data.train_subset=40", "data.test_subset=20"), tmp_path)
+    assert (summary["train_size"], summary["test_size"], summary["steps_per_epoch"]) == (40, 20, 5)  # 40 // (4·2)
+
+
 def test_results_equal_after_a_kill_and_resume(tmp_path):
     """Kill a run with SIGKILL after two checkpoints; rerun it; the metrics equal an uninterrupted run's."""
     args = ["data=synthetic", "data.num_train=768", "data.size=16", "model=resnet8", "batch.per_worker=8",
