@@ -36,9 +36,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from normlab.config import OptimConfig  # noqa: E402
 from normlab.data.device_loader import DeviceLoader, Normalize  # noqa: E402
 from normlab.engine.loop import train_epoch  # noqa: E402
-from normlab.engine.optim import Schedule  # noqa: E402
+from normlab.engine.optim import Schedule, build_optimizer  # noqa: E402
 from normlab.engine.step import CudaGraphStep, TrainStep  # noqa: E402
 from normlab.engine.trainer import resolve_channels_last, resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
@@ -122,10 +123,7 @@ class NormlabLoop:
         self.model = build_model(model_name, 10, norm_node(norm, model_name), workers=workers).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        params = [{"params": list(self.model.parameters()), "weight_decay": 1e-4}]
-        if cuda_graph:
-            params[0]["lr"] = torch.tensor(0.01, device=device)
-        self.optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=cuda_graph or None)
+        self.optimizer = build_optimizer(self.model, OptimConfig(), 0.01, capturable=cuda_graph)
         self.schedule = Schedule(self.optimizer, lambda step: 1.0)
         forward = torch.compile(self.model) if compile else self.model
         self.step = TrainStep(forward, self.optimizer, device=device, precision=self.precision,
