@@ -8,7 +8,7 @@
 #      channels_last vs NCHW per norm, and a profile of the small-batch step;
 #   3. one full CIFAR-10 epoch of resnet20 at N=2 × W=8 (3,125 steps) through a CUDA graph;
 #   4. a short gn_batch_size sweep on CIFAR-10 and its report;
-#   5. the compile-vs-eager tests, the norm numerics check and the norm benchmark.
+#   5. the compile-vs-eager tests on CUDA (Triton), the norm numerics check and the norm benchmark.
 # Logs, CSV and markdown tables go to OUTDIR; OUTDIR/summary.txt collects the headlines.
 set -uo pipefail
 zip=${1:?usage: gpu_check.sh CIFAR10_JPEG_ZIP OUTDIR}
@@ -76,7 +76,7 @@ step 60 report python3 -m normlab.cli "$out/sweep" --out "$out/report" && \
   cat "$out/report/table_batch_size.md" | tee -a "$out/summary.txt"
 
 log "5. compile vs eager on CUDA, norm numerics, norm benchmark"
-step 150 tests_compile python3 -m pytest -q -p no:cacheprovider tests/test_compile.py
+step 180 tests_compile python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
 tail -1 "$out/tests_compile.txt" | tee -a "$out/summary.txt"
 step 60 cuda_norm_check python3 scripts/cuda_norm_check.py cuda
 tail -1 "$out/cuda_norm_check.txt" | tee -a "$out/summary.txt"

@@ -1,5 +1,6 @@
 """torch.compile against eager, for every norm, in train and eval mode: inductor has had bugs with norm
-layers, so `trainer.compile=true` is only trusted where this holds. Slow (inductor compiles on the CPU)."""
+layers, so `trainer.compile=true` is only trusted where this holds. On the CPU (C++ kernels) and, where
+there is a GPU, on CUDA (Triton kernels: other code, other bugs). Slow: inductor compiles every case."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from normlab.engine.trainer import train
 from normlab.norms import NORMS, REGISTRY, build_norm
 
 pytestmark = pytest.mark.slow
+NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_GPU)]
 
 
 def options(name: str) -> dict:
@@ -23,17 +26,18 @@ def options(name: str) -> dict:
     return opts
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", [n for n in NORMS if REGISTRY[n].compile_safe])
-def test_compiled_norm_matches_eager_in_train_and_eval(name):
+def test_compiled_norm_matches_eager_in_train_and_eval(name, device):
     torch.manual_seed(0)
-    eager = build_norm(name, 8, **options(name))
+    eager = build_norm(name, 8, **options(name)).to(device)
     with torch.no_grad():
         for p in eager.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin)
     for step in range(2):  # the second step sees updated running statistics
-        x = torch.randn(8, 8, 6, 6) * 2 + step
+        x = torch.randn(8, 8, 6, 6, device=device) * 2 + step
         grad = torch.randn_like(x)
         xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
         ya, yb = eager(xa), compiled(xb)
@@ -46,12 +50,14 @@ def test_compiled_norm_matches_eager_in_train_and_eval(name):
     for (key, a), (_, b) in zip(eager.named_parameters(), twin.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=key)
     eager.eval(), twin.eval()
-    x = torch.randn(4, 8, 6, 6)
+    x = torch.randn(4, 8, 6, 6, device=device)
     torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_compiled_run_matches_an_eager_one(tiny, tmp_path):
-    eager = train(tiny("trainer.precision=fp32", "trainer.epochs=2"), tmp_path / "eager")
-    compiled = train(tiny("trainer.precision=fp32", "trainer.epochs=2", "trainer.compile=true"), tmp_path / "compiled")
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compiled_run_matches_an_eager_one(tiny, tmp_path, device):
+    common = ("trainer.precision=fp32", "trainer.epochs=2", f"trainer.device={device}", "trainer.cuda_graph=false")
+    eager = train(tiny(*common), tmp_path / "eager")
+    compiled = train(tiny(*common, "trainer.compile=true"), tmp_path / "compiled")
     assert compiled["compiled"] and not eager["compiled"]
     assert compiled["val_error"] == pytest.approx(eager["val_error"], abs=7.0)  # 32 test images: 1 image is 3.1%
