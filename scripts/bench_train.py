@@ -10,7 +10,9 @@ For each cell of model × norm × per-worker batch N × workers W, two loops run
   pin_memory on CUDA), fp32, eager, nn.BatchNorm2d / nn.GroupNorm, a literal batch of N·W, loss.item()
   every step.
 
-Throughput is images/s over timed steps after warm-up, with the device synchronized. The real CIFAR-10
+Throughput is images/s over timed steps after warm-up, with the device synchronized. Peak memory (CUDA
+only: a CPU process has no per-loop allocator statistics) is each loop's own: the peak above what was
+allocated before the loop was built. The real CIFAR-10
 JPEG zip is used when it is found (NORMLAB_CIFAR10_JPEG or ../shared/data/cifar10-jpeg.zip), synthetic
 images of the same shape otherwise.
 
@@ -97,9 +99,12 @@ def plain_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+HE_CIFAR_RESNETS = [f"resnet{depth}" for depth in (8, 20, 32, 44, 56, 110)]
+
+
 def norm_node(norm: str, model: str) -> dict:
     node = {"name": norm}
-    if norm in ("gn", "gn_ws", "evonorm_s0") and model in ("resnet8", "resnet20", "resnet32", "resnet56"):
+    if norm in ("gn", "gn_ws", "evonorm_s0") and model in HE_CIFAR_RESNETS:
         node["groups"] = 8  # the He CIFAR nets have 16 channels in their first stage
     return node
 
@@ -184,19 +189,22 @@ class ReferenceLoop:
         return time.perf_counter() - start
 
 
-def peak_memory_mb(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-        torch.cuda.reset_peak_memory_stats(device)
-        return peak
-    return None
+def memory_mark(device: torch.device) -> int | None:
+    """CUDA memory held now, and a fresh peak: what a loop built after this adds is its own."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
 
 
-def measure(loop, steps: int, warmup: int, rounds: int, device) -> tuple[float, float | None]:
+def peak_since(mark: int | None, device: torch.device) -> float | None:
+    """Peak MB above `mark`: the data, model, optimizer, graph pool and activations of the loop built since."""
+    return None if mark is None else (torch.cuda.max_memory_allocated(device) - mark) / 2**20
+
+
+def measure(loop, steps: int, warmup: int) -> float:
     loop.run(warmup)
-    peak_memory_mb(device)
-    times = [loop.run(steps) for _ in range(rounds)]
-    return min(times), peak_memory_mb(device)
+    return loop.run(steps)
 
 
 def main(argv=None) -> int:
@@ -241,13 +249,17 @@ def main(argv=None) -> int:
           f"{'ratio':>6s}  {'setting':22s} {'peak MB (nl/ref)':>16s}")
     for model, norm, n, w in itertools.product(args.models, args.norms, args.per_worker, args.workers):
         batch = n * w
+        mark = memory_mark(device)
         ours = NormlabLoop(model, norm, n, w, images, labels, device, channels_last=args.channels_last,
                            cuda_graph=cuda_graph, compile=args.compile)
-        t_ours, m_ours = measure(ours, args.steps, args.warmup, 1, device)
+        t_ours = measure(ours, args.steps, args.warmup)
+        m_ours = peak_since(mark, device)
         ref, t_ref, m_ref = None, None, None
         if not args.skip_reference:
+            mark = memory_mark(device)  # normlab's loop stays resident, and idle, while the reference runs
             ref = ReferenceLoop(model, norm, batch, images, labels, device, cores)
-            t_ref, m_ref = measure(ref, args.steps, args.warmup, 1, device)
+            t_ref = measure(ref, args.steps, args.warmup)
+            m_ref = peak_since(mark, device)
         for _ in range(args.rounds - 1):  # alternate, keep the best of each
             t_ours = min(t_ours, ours.run(args.steps))
             t_ref = t_ref if ref is None else min(t_ref, ref.run(args.steps))
@@ -261,7 +273,8 @@ def main(argv=None) -> int:
         rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours.setting, round(ours_ips, 1),
                                       ref_ips and round(ref_ips, 1), ratio and round(ratio, 3), m_ours, m_ref])))
         if ref is not None:
-            del ref.iterator, ref.loader
+            del ref.iterator, ref.loader  # stops its DataLoader workers
+        del ours, ref  # this cell's data, model and graph pool go before the next cell's memory mark
     if args.csv:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:

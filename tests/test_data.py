@@ -120,6 +120,7 @@ def test_test_subset_and_the_described_train_size():
     (dict(train_subset=5), r"data.train_subset=5 is invalid: .* at least one image per class \(10 classes\)"),
     (dict(test_subset=0), r"data.test_subset=0 is invalid"),
     (dict(train_subset=2000), r"data.train_subset=2000 is invalid: data=digits has 1437 training images"),
+    (dict(test_subset=500), r"data.test_subset=500 is invalid: data=digits has 360 test images"),
 ])
 def test_bad_subsets_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):
@@ -179,7 +180,8 @@ def test_imagefolder_reads_a_tree_or_a_zip(tmp_path, as_zip):
     write_image_tree(tree)
     root = zip_tree(tree, tmp_path / "tree.zip", prefix="wrapped/") if as_zip else tree
     cfg = data_cfg(name="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3, train_size=18)
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3, train_size=18,
+                                                                test_size=9)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (18, 3, 8, 8) and image_set.test_images.shape == (9, 3, 8, 8)
     assert image_set.classes == ["cat", "dog", "emu"]

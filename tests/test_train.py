@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from normlab.engine.trainer import train
+from normlab.config import ConfigError
+from normlab.engine.trainer import changed_keys, train
 from normlab.norms import NORMS
 from normlab.records import METRIC_KEYS, read_metrics
 from tests.conftest import REPO, TINY, compose_config, read_wandb_records, record_key, run_cli
@@ -82,6 +83,23 @@ def test_a_done_run_is_skipped_and_force_reruns_it(tiny, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == first
     again = train(tiny("trainer.force=true"), tmp_path)
     assert again["status"] == "done" and len(read_metrics(tmp_path / "metrics.jsonl")) == 1
+
+
+def test_a_run_folder_holding_another_config_is_refused_not_skipped(tiny, tmp_path):
+    first = train(tiny(), tmp_path)
+    with pytest.raises(ConfigError) as e:  # an edited experiment, a reused sweep folder: not a skip
+        train(tiny("optim.base_lr=0.05", "schedule.milestones=[0.5]"), tmp_path)
+    assert "optim.base_lr was 0.1, now 0.05" in str(e.value) and "schedule.milestones was" in str(e.value)
+    assert "trainer.force=true" in str(e.value)
+    assert json.loads((tmp_path / "summary.json").read_text()) == first  # the finished run is untouched
+    assert train(tiny("trainer.threads=1", "logger=none", "name=renamed"), tmp_path) is None  # runtime keys: a skip
+
+
+def test_changed_keys_compares_nested_configs_key_by_key():
+    saved = {"optim": {"lr": 0.1, "nesterov": False}, "trainer": {"threads": 2}, "tags": [1]}
+    current = {"optim": {"lr": 0.2}, "trainer": {"threads": 1}, "tags": [1, 2], "seed": 3}
+    assert changed_keys(saved, current) == [("optim.lr", 0.1, 0.2), ("optim.nesterov", False, None),
+                                            ("seed", None, 3), ("tags", [1], [1, 2])]
 
 
 def test_digits_smoke_learns(tmp_path):

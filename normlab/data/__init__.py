@@ -24,7 +24,7 @@ class Loaders:
 
 
 def describe(cfg) -> DataShape:
-    """The source's shape, with ``train_size`` after ``data.train_subset``; checks the subset sizes."""
+    """The source's shape, with the sizes after ``data.train_subset``/``test_subset``; checks those sizes."""
     shape = source(cfg.name).describe(cfg)
     for split in ("train", "test"):
         size = cfg[f"{split}_subset"]
@@ -33,8 +33,10 @@ def describe(cfg) -> DataShape:
         if size < shape.num_classes:
             raise ConfigError(f"data.{split}_subset={size} is invalid: a class-stratified subset needs at least one "
                               f"image per class ({shape.num_classes} classes); use >= {shape.num_classes} or null")
-        if split == "train" and shape.train_size is not None and size > shape.train_size:
-            raise ConfigError(f"data.train_subset={size} is invalid: data={cfg.name} has {shape.train_size} training "
+        available = shape.train_size if split == "train" else shape.test_size
+        if available is not None and size > available:
+            kind = "training" if split == "train" else "test"
+            raise ConfigError(f"data.{split}_subset={size} is invalid: data={cfg.name} has {available} {kind} "
                               f"images; use at most that, or null for all of them")
         if cfg.name == "imagefolder" and not source(cfg.name).fits_in_memory(cfg):
             raise ConfigError(f"data.{split}_subset={size} is invalid for a streamed image folder (larger than "
@@ -42,6 +44,8 @@ def describe(cfg) -> DataShape:
                               f"pick fewer classes with data.num_classes, or raise data.in_memory_max_gb")
     if cfg.train_subset is not None:
         shape = replace(shape, train_size=cfg.train_subset)
+    if cfg.test_subset is not None:
+        shape = replace(shape, test_size=cfg.test_subset)
     return shape
 
 

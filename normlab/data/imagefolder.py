@@ -172,7 +172,8 @@ class ImageFolderSource:
     def describe(self, cfg) -> DataShape:
         selection = select(cfg)
         return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes),
-                         train_size=len(selection.files("train")[0]))
+                         train_size=len(selection.files("train")[0]),
+                         test_size=len(selection.files(selection.test_split)[0]))
 
     def fits_in_memory(self, cfg) -> bool:
         selection = select(cfg)

@@ -23,6 +23,7 @@ class DataShape:
     size: int
     num_classes: int
     train_size: int | None = None  # training images, where known without reading them
+    test_size: int | None = None  # test images, likewise
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Digits:
     test_fraction, split_seed = 0.2, 0
 
     def describe(self, cfg) -> DataShape:
-        return DataShape(channels=1, size=8, num_classes=10, train_size=1437)
+        return DataShape(channels=1, size=8, num_classes=10, train_size=1437, test_size=360)
 
     def load(self, cfg) -> ImageSet:
         from sklearn.datasets import load_digits
@@ -92,7 +93,7 @@ class Cifar:
                 f"data.root={str(root)!r} does not hold CIFAR-{self.num_classes} (no {self.folder}/ in it) "
                 f"and data.download=false; set data.download=true, or point data.root at a folder that holds it"
             )
-        return DataShape(channels=3, size=32, num_classes=self.num_classes, train_size=50_000)
+        return DataShape(channels=3, size=32, num_classes=self.num_classes, train_size=50_000, test_size=10_000)
 
     def load(self, cfg) -> ImageSet:
         from torchvision import datasets
@@ -113,7 +114,7 @@ class Synthetic:
             if cfg[key] < 1:
                 raise ConfigError(f"data.{key}={cfg[key]} is invalid: must be >= 1")
         return DataShape(channels=cfg.channels, size=cfg.size, num_classes=cfg.num_classes or 10,
-                         train_size=cfg.num_train)
+                         train_size=cfg.num_train, test_size=cfg.num_test)
 
     def load(self, cfg) -> ImageSet:
         shape = self.describe(cfg)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import model_options, norm_options, validate
+from normlab.config import ConfigError, model_options, norm_options, validate
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.step import CudaGraphStep, TrainStep
@@ -122,14 +122,53 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
     }
 
 
+# Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
+RUNTIME_KEYS = ("name", "logger", "trainer.threads", "trainer.force", "trainer.progress", "trainer.checkpoint",
+                "data.root", "data.cache_dir", "data.loader_workers", "data.eval_batch")
+
+
+def changed_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside."""
+    def flat(node: Any, prefix: str = ""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from flat(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    old, new = dict(flat(saved)), dict(flat(current))
+    runtime = lambda key: any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)  # noqa: E731
+    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key) and not runtime(key)]
+
+
+def check_same_job(cfg: DictConfig, records: RunDir) -> None:
+    """A finished or interrupted run is skipped or resumed only if it is this job: a changed config (an
+    edited experiment file, a reused sweep folder) would otherwise pass stale results off as new ones."""
+    if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()):
+        return
+    saved = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
+    changes = changed_keys(saved, OmegaConf.to_container(cfg, resolve=True))
+    if changes:
+        listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changes[:6])
+        more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
+        state = records.read_summary()["status"] if records.is_final() else "interrupted, with a checkpoint"
+        raise ConfigError(
+            f"{records.path} holds a run ({state}) of another config: {listed}{more}. "
+            "trainer.force=true replaces it; another hydra.sweep.dir (or hydra.run.dir) keeps both")
+
+
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """Run one job into `run_dir`. Returns its summary, or None when it was already done.
 
-    Bad input raises ``ConfigError`` from ``validate`` before anything is read or written.
+    Bad input raises ``ConfigError`` before anything is read or written: ``validate``, and a run
+    directory that holds another config's run.
     """
     validate(cfg)
     records = RunDir(run_dir)
     records.path.mkdir(parents=True, exist_ok=True)
+    if not cfg.trainer.force:
+        check_same_job(cfg, records)
     if records.is_final() and not cfg.trainer.force:
         log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
                  records.read_summary()["status"])
