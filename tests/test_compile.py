@@ -11,6 +11,7 @@ import torch
 
 from normlab.engine.trainer import train
 from normlab.norms import NORMS, REGISTRY, build_norm
+from normlab.records import read_metrics
 
 pytestmark = pytest.mark.slow
 NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -55,9 +56,16 @@ def test_compiled_norm_matches_eager_in_train_and_eval(name, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_compiled_run_matches_an_eager_one(tiny, tmp_path, device):
-    common = ("trainer.precision=fp32", "trainer.epochs=2", f"trainer.device={device}", "trainer.cuda_graph=false")
+@pytest.mark.parametrize("settings", [("trainer.precision=fp32", "trainer.channels_last=false"),
+                                      ("trainer.precision=bf16", "trainer.channels_last=true")],
+                         ids=["fp32", "bf16-channels_last"])
+def test_a_compiled_run_matches_an_eager_one(tiny, tmp_path, device, settings):
+    """Training's own settings: per-worker BN, and bf16 autocast with channels_last as on a GPU."""
+    common = (*settings, "trainer.epochs=2", f"trainer.device={device}", "trainer.cuda_graph=false")
     eager = train(tiny(*common), tmp_path / "eager")
     compiled = train(tiny(*common, "trainer.compile=true"), tmp_path / "compiled")
     assert compiled["compiled"] and not eager["compiled"]
+    eager_loss, compiled_loss = ([row["train_loss"] for row in read_metrics(tmp_path / run / "metrics.jsonl")]
+                                 for run in ("eager", "compiled"))
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-3)  # the same steps, differently fused
     assert compiled["val_error"] == pytest.approx(eager["val_error"], abs=7.0)  # 32 test images: 1 image is 3.1%
