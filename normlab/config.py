@@ -227,6 +227,10 @@ def validate(cfg: DictConfig) -> None:
     _check(graph in ("auto", "true", "false"), "trainer.cuda_graph", cfg.trainer.cuda_graph, "valid: auto, true, false")
     if graph == "true":
         _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
+        _check(not host_synced_norm(cfg), "trainer.cuda_graph", True,
+               "norm=bn with norm.momentum=null and batch.workers=1 is torch's BatchNorm2d, whose cumulative "
+               "average reads the step count on the host, which a CUDA graph cannot capture; give norm.momentum "
+               "a value, or use trainer.cuda_graph=auto (off for this norm)")
         _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
                f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
                f"use trainer.cuda_graph=auto or false")
@@ -237,6 +241,11 @@ def validate(cfg: DictConfig) -> None:
                           f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
                           f"step's batch; lower batch.per_worker or batch.workers")
     _check_model(cfg, shape)
+
+
+def host_synced_norm(cfg: DictConfig) -> bool:
+    """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
+    return cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and cfg.batch.workers == 1
 
 
 def _check_device(device: str) -> None:

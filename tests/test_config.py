@@ -9,7 +9,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab.config import ConfigError, validate
+from normlab.config import ConfigError, host_synced_norm, validate
 from normlab.protocol import effective
 from normlab.models import MODELS
 from normlab.norms import NORMS
@@ -157,3 +157,15 @@ def test_cuda_graph_needs_cuda_and_excludes_compile(tiny):
         validate(tiny("trainer.cuda_graph=auto"))  # auto is off on the CPU, not an error
     with pytest.raises(ConfigError, match=r"trainer.cuda_graph='sometimes' is invalid: valid: auto, true, false"):
         validate(tiny("trainer.cuda_graph=sometimes"))
+
+
+def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(tiny):
+    from normlab.engine.trainer import resolve_cuda_graph
+
+    cumulative = tiny("norm=bn", "norm.momentum=null", "batch.workers=1")
+    with pytest.raises(ConfigError, match=r"trainer.cuda_graph=True is invalid: norm=bn with norm.momentum=null"):
+        validate(tiny("norm=bn", "norm.momentum=null", "batch.workers=1", "trainer.cuda_graph=true"))
+    cuda = torch.device("cuda")
+    assert host_synced_norm(cumulative) and not resolve_cuda_graph("auto", cuda, False, host_synced_norm(cumulative))
+    per_worker = tiny("norm=bn", "norm.momentum=null", "batch.workers=2")  # per-worker BN keeps the count on device
+    assert not host_synced_norm(per_worker) and resolve_cuda_graph("auto", cuda, False, host_synced_norm(per_worker))

@@ -48,6 +48,8 @@ class CudaGraphStep:
     on is copied into the graph's static input and replayed. Captured work is only recorded, so each
     batch still trains exactly once. BN running statistics are buffers updated in place: the graph
     keeps updating the same tensors. The optimizer must read a device-tensor lr (``capturable``).
+    The logits and loss it returns are the graph's own outputs, which the next replay overwrites: read
+    or clone them before the next call, as ``train_epoch`` does.
     """
 
     def __init__(self, step: TrainStep, warmup: int = 3) -> None:
@@ -60,15 +62,15 @@ class CudaGraphStep:
         self.model, self.device = step.model, step.device
         self.graph: torch.cuda.CUDAGraph | None = None
         self.eager_steps = 0
+        self.side = torch.cuda.Stream(device=step.device)  # the warm-up steps' stream
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph is None and self.eager_steps < self.warmup:
             self.eager_steps += 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            self.side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side):
                 out = self.step(images, labels)
-            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.current_stream().wait_stream(self.side)
             return out
         if self.graph is None:
             self.images, self.labels = images.clone(), labels.clone()  # static inputs, same memory format

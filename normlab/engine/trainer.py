@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import ConfigError, model_options, norm_options, validate
+from normlab.config import ConfigError, host_synced_norm, model_options, norm_options, validate
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.step import CudaGraphStep, TrainStep
@@ -67,11 +67,12 @@ def resolve_channels_last(setting: Any, device: torch.device, norm: str = "bn") 
     return str(setting).lower() == "true"
 
 
-def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool) -> bool:
-    """auto: on CUDA, unless the model is compiled. A graph replays the whole step with one launch: 12× the
-    eager step for resnet20 at 2 × 8 on an H100, and no slower at large batches (README "Performance")."""
+def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_synced: bool = False) -> bool:
+    """auto: on CUDA, unless the model is compiled or the norm reads a value on the host (`host_synced`).
+    A graph replays the whole step with one launch: 12× the eager step for resnet20 at 2 × 8 on an H100,
+    and no slower at large batches (README "Performance")."""
     if str(setting).lower() == "auto":
-        return device.type == "cuda" and not compile
+        return device.type == "cuda" and not compile and not host_synced
     return str(setting).lower() == "true"
 
 
@@ -183,7 +184,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     device = resolve_device(cfg.trainer.device)
     precision = resolve_precision(cfg.trainer.precision, device)
     channels_last = resolve_channels_last(cfg.trainer.channels_last, device, cfg.norm.name)
-    cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile)
+    cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     eff = effective(cfg)
 
