@@ -244,7 +244,8 @@ def test_the_real_cifar10_jpeg_zip(tmp_path):
     if not Path(CIFAR10_JPEG).exists():
         pytest.skip(f"the CIFAR-10 JPEG zip is not at {CIFAR10_JPEG}; set NORMLAB_CIFAR10_JPEG to its path")
     cfg = data_cfg(name="imagefolder", root=CIFAR10_JPEG, cache_dir=str(tmp_path))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10, train_size=50_000)
+    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10, train_size=50_000,
+                                                                test_size=10_000)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (50_000, 3, 32, 32) and image_set.test_images.shape == (10_000, 3, 32, 32)
     assert torch.bincount(image_set.train_labels).tolist() == [5000] * 10
