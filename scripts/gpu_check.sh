@@ -8,7 +8,8 @@
 #      channels_last vs NCHW per norm, and a profile of the small-batch step;
 #   3. one full CIFAR-10 epoch of resnet20 at N=2 × W=8 (3,125 steps) through a CUDA graph;
 #   4. a short gn_batch_size sweep on CIFAR-10 and its report;
-#   5. the compile-vs-eager tests on CUDA (Triton), the norm numerics check and the norm benchmark.
+#   5. the compile-vs-eager tests on CUDA (Triton), the norm numerics check and the norm benchmark;
+#   6. with the time left, the quick test suite (its training tests run on CUDA: trainer.device=auto).
 # Logs, CSV and markdown tables go to OUTDIR; OUTDIR/summary.txt collects the headlines. The whole check keeps
 # to GPU_CHECK_SECONDS (default 470): a step gets its own limit or what is left, whichever is less.
 # Offline wheels for a machine without hydra (git-ignored .whl/, carried with the checkout), made where pip works:
@@ -93,4 +94,8 @@ step 60 cuda_norm_check python3 scripts/cuda_norm_check.py cuda
 tail -1 "$out/cuda_norm_check.txt" | tee -a "$out/summary.txt"
 step 60 bench_norms python3 scripts/bench_norms.py --device cuda --seconds 1 --csv "$out/bench_norms_cuda.csv"
 sed -n '/targets/,$p' "$out/bench_norms.txt" | tee -a "$out/summary.txt"
+
+log "6. the quick test suite with the GPU visible (trainer.device=auto runs its training tests on CUDA)"
+step 240 tests_suite python3 -m pytest -q -p no:cacheprovider -m "not slow"
+tail -3 "$out/tests_suite.txt" | tee -a "$out/summary.txt"
 rm -rf "$out"/*/*/checkpoint.pt "$out"/*/*/wandb
