@@ -129,7 +129,10 @@ RUNTIME_KEYS = ("name", "logger", "trainer.threads", "trainer.force", "trainer.p
 
 
 def changed_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside."""
+    """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside.
+
+    Only keys present in both count: a key that a later normlab added (or dropped) is no change of the job.
+    """
     def flat(node: Any, prefix: str = ""):
         if isinstance(node, dict):
             for key, value in node.items():
@@ -139,8 +142,8 @@ def changed_keys(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
 
     old, new = dict(flat(saved)), dict(flat(current))
     runtime = lambda key: any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)  # noqa: E731
-    return [(key, old.get(key), new.get(key)) for key in sorted(old.keys() | new.keys())
-            if old.get(key) != new.get(key) and not runtime(key)]
+    return [(key, old[key], new[key]) for key in sorted(old.keys() & new.keys())
+            if old[key] != new[key] and not runtime(key)]
 
 
 def check_same_job(cfg: DictConfig, records: RunDir) -> None:
