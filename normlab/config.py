@@ -153,17 +153,27 @@ def norm_schema(name: str) -> type:
     return dataclasses.make_dataclass(f"{name.title().replace('_', '')}NormConfig", fields)
 
 
+GROUP_SCHEMAS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+                 "trainer": TrainerConfig, "logger": LoggerConfig}
+
+
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore. The yaml files in conf/ extend them by name."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    for group, schema in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig),
-                          ("schedule", ScheduleConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+    for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
     for name in REGISTRY:
         cs.store(group="norm", name=f"{name}_schema", node=norm_schema(name))
+
+
+def schema_defaults(norm_name: str) -> dict[str, Any]:
+    """Every key's default, as a nested dict: what a config saved before a key existed would have held."""
+    groups = {group: OmegaConf.to_container(OmegaConf.structured(schema)) for group, schema in GROUP_SCHEMAS.items()}
+    norm = OmegaConf.to_container(OmegaConf.structured(norm_schema(norm_name))) if norm_name in REGISTRY else {}
+    return {**groups, "norm": norm, "batch": OmegaConf.to_container(OmegaConf.structured(BatchConfig))}
 
 
 # ---------------------------------------------------------------- derived values
@@ -245,7 +255,8 @@ def validate(cfg: DictConfig) -> None:
 
 def host_synced_norm(cfg: DictConfig) -> bool:
     """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
-    return cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and cfg.batch.workers == 1
+    return (cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and cfg.batch.workers == 1
+            and cfg.norm.get("track_running_stats", True))
 
 
 def _check_device(device: str) -> None:

@@ -107,9 +107,10 @@ def test_train_subset_is_class_stratified_seeded_and_leaves_the_test_set_whole()
     assert not torch.equal(a.train.images, other.train.images)
 
 
-def test_test_subset_and_the_described_train_size():
+def test_test_subset_and_the_described_sizes():
     cfg = data_cfg(name="digits", train_subset=100, test_subset=50)
-    assert datasets.describe(cfg).train_size == 100
+    assert (datasets.describe(cfg).train_size, datasets.describe(cfg).test_size) == (100, 50)
+    assert datasets.describe(data_cfg(name="digits")).test_size == 360  # sklearn's 1,797 digits, 20% held out
     loaders = datasets.build(cfg, 10, torch.device("cpu"), seed=0)
     assert (loaders.train.num_samples, loaders.test.num_samples) == (100, 50)
     full = datasets.SOURCES["digits"]().load(cfg).test_labels

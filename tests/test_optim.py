@@ -69,21 +69,26 @@ def test_schedule_sets_float_and_tensor_lrs_alike_and_fills_tensors_in_place():
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(0.4 * factor(20))
 
 
-def test_capturable_optimizer_steps_like_the_plain_one():
-    """The CUDA-graph optimizer (fused SGD reading a tensor lr) against torch's default SGD, on the CPU."""
+@pytest.mark.parametrize("capturable", [False, True])
+def test_normlab_sgd_steps_like_torch_sgd_written_out_per_parameter(capturable):
+    """normlab's SGD (fused; with `capturable`, reading a tensor lr) against torch's for-loop SGD, on the CPU."""
     cfg = compose_config([])
     results = []
-    for capturable in (False, True):
+    for ours in (False, True):
         torch.manual_seed(0)
         model = build_model("resnet8", 10, "bn")
-        optimizer = build_optimizer(model, cfg.optim, 0.1, capturable=capturable)
+        if ours:
+            optimizer = build_optimizer(model, cfg.optim, 0.1, capturable=capturable)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=cfg.optim.momentum,
+                                        weight_decay=cfg.optim.weight_decay, foreach=False)
         for _ in range(3):
             loss = model(torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))).square().mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         results.append(model.state_dict())
-    assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert optimizer.param_groups[0]["fused"] and isinstance(optimizer.param_groups[0]["lr"], torch.Tensor) == capturable
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, msg=key)
 
@@ -114,3 +119,18 @@ def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
     lr = fresh.param_groups[0]["lr"]
     load_checkpoint(tmp_path / "c.pt", model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01)
+
+
+def test_resuming_keeps_how_this_run_steps(tmp_path):
+    """A checkpoint written by an unfused optimizer (another version, another device) resumes fused."""
+    from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from normlab.engine.optim import build_schedule
+
+    cfg = compose_config([])
+    model = build_model("resnet8", 10, "bn")
+    old = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=old, schedule=build_schedule(old, cfg.schedule, 10, 10),
+                    epoch=1, metrics=[], wall_time_s=0.0)
+    fresh = build_optimizer(model, cfg.optim, 0.1)
+    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    assert fresh.param_groups[0]["fused"] is True and fresh.param_groups[0]["foreach"] is None

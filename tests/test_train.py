@@ -95,12 +95,41 @@ def test_a_run_folder_holding_another_config_is_refused_not_skipped(tiny, tmp_pa
     assert train(tiny("trainer.threads=1", "logger=none", "name=renamed"), tmp_path) is None  # runtime keys: a skip
 
 
+def test_an_interrupted_run_of_another_config_is_refused_and_force_starts_it_over(tiny, tmp_path):
+    train(tiny("trainer.epochs=2"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))  # killed, checkpoint kept
+    assert (tmp_path / "checkpoint.pt").exists()
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"holds a run \(interrupted, with a checkpoint\) of another config: "
+                                          r"optim.base_lr was 0.1, now 0.05"):
+        train(tiny("trainer.epochs=2", "optim.base_lr=0.05"), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == saved and (tmp_path / "checkpoint.pt").exists()
+    forced = train(tiny("trainer.epochs=2", "optim.base_lr=0.05", "trainer.force=true"), tmp_path)
+    lrs = [row["lr"] for row in read_metrics(tmp_path / "metrics.jsonl")]
+    assert forced["status"] == "done" and forced["lr"] == pytest.approx(0.05 * 8 / 256)  # not resumed from 0.1's
+    assert lrs[0] == pytest.approx(0.05 * 8 / 256) and len(lrs) == 2
+
+
 def test_changed_keys_compares_nested_configs_key_by_key():
     saved = {"optim": {"lr": 0.1, "nesterov": False}, "trainer": {"threads": 2}, "tags": [1], "norm": {"eps": 1e-5}}
-    current = {"optim": {"lr": 0.2}, "trainer": {"threads": 1, "cuda_graph": "auto"}, "tags": [1, 2],
-               "norm": {"eps": 1e-05}}
-    # threads is a runtime key; nesterov and cuda_graph are in one config only (a key a later version added)
-    assert changed_keys(saved, current) == [("optim.lr", 0.1, 0.2), ("tags", [1], [1, 2])]
+    current = {"optim": {"lr": 0.2}, "trainer": {"threads": 1, "cuda_graph": "auto", "compile": True},
+               "tags": [1, 2], "norm": {"eps": 1e-05}}
+    defaults = {"trainer": {"cuda_graph": "auto", "compile": False}}
+    # threads is a runtime key; nesterov was dropped; cuda_graph and compile are new keys, read at their defaults
+    assert changed_keys(saved, current, defaults) == [("optim.lr", 0.1, 0.2), ("tags", [1], [1, 2]),
+                                                      ("trainer.compile", False, True)]
+
+
+def test_keys_left_out_of_run_folder_names_are_runtime_keys():
+    """Runs that differ only in those keys share a folder, so they must be able to pick each other up."""
+    from omegaconf import OmegaConf
+
+    from normlab.engine.trainer import RUNTIME_KEYS
+
+    excluded = OmegaConf.load(REPO / "conf" / "train.yaml").hydra.job.config.override_dirname.exclude_keys
+    config_keys = [key for key in excluded if not key.startswith("hydra.")]
+    assert all(any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS) for key in config_keys), config_keys
 
 
 def test_digits_smoke_learns(tmp_path):

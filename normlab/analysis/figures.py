@@ -22,10 +22,12 @@ STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fo
 
 
 def save(fig, path: Path, formats=("png",)) -> list[Path]:
+    """Byte for byte the same from the same runs: no creation date in a PDF (published figures regenerate)."""
     written = []
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
-        fig.savefig(target, dpi=150, bbox_inches="tight")
+        metadata = {"CreationDate": None} if fmt == "pdf" else None
+        fig.savefig(target, dpi=150, bbox_inches="tight", metadata=metadata)
         written.append(target)
     plt.close(fig)
     return written

@@ -36,11 +36,13 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule) -> d
     """Restore model, optimizer, schedule and RNG; return the rest (epoch, metrics, wall_time_s)."""
     state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
-    lrs = [group["lr"] for group in optimizer.param_groups]
+    built = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
-    for group, lr in zip(optimizer.param_groups, lrs):
-        if isinstance(lr, torch.Tensor):  # keep the device tensor a CUDA graph reads; the schedule sets its value
-            group["lr"] = lr
+    for group, before in zip(optimizer.param_groups, built):
+        for key in ("fused", "foreach"):  # how this run steps (a checkpoint from another device or version)
+            group[key] = before.get(key)
+        if isinstance(before["lr"], torch.Tensor):  # the device tensor a CUDA graph reads; the schedule sets it
+            group["lr"] = before["lr"]
     schedule.load_state_dict(state["schedule"])
     set_rng_state(state["rng"])
     return {"epoch": state["epoch"], "metrics": state["metrics"], "wall_time_s": state["wall_time_s"]}
