@@ -130,7 +130,7 @@ class NormlabLoop:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, OptimConfig(), 0.01, capturable=cuda_graph)
         self.schedule = Schedule(self.optimizer, lambda step: 1.0)
-        forward = torch.compile(self.model) if compile else self.model
+        forward = torch.compile(self.model, mode=None if compile is True else compile) if compile else self.model
         self.step = TrainStep(forward, self.optimizer, device=device, precision=self.precision,
                               autocast_cache=not cuda_graph)
         if cuda_graph:
@@ -152,7 +152,8 @@ class NormlabLoop:
 
     @property
     def setting(self) -> str:
-        flags = [("channels_last", self.channels_last), ("graph", self.cuda_graph), ("compiled", self.compile)]
+        compiled = f"compiled:{self.compile}" if isinstance(self.compile, str) else "compiled"
+        flags = [("channels_last", self.channels_last), ("graph", self.cuda_graph), (compiled, self.compile)]
         return " ".join([self.precision] + [name for name, on in flags if on])
 
 
@@ -223,7 +224,9 @@ def main(argv=None) -> int:
                         help="normlab's memory format (default: auto, what training picks for the device and norm)")
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "true", "false"],
                         help="normlab's step as a CUDA graph (default: auto, on CUDA)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile normlab's model (trainer.compile)")
+    parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                        help="torch.compile normlab's model (trainer.compile); MODE e.g. reduce-overhead, which "
+                             "replays the compiled forward and backward as CUDA graphs (the alternative to --cuda-graph)")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time normlab alone (for layout and CUDA-graph ablations); ratio columns stay empty")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")

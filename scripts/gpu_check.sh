@@ -3,12 +3,13 @@
 # omegaconf (and their needs) may come as wheels in .whl/, and wandb may be missing (logger=none).
 #   bash scripts/gpu_check.sh /path/to/cifar10-jpeg.zip OUTDIR
 # Steps, most important first, each under its own time limit so that one slow step cannot starve the rest:
-#   1. the CUDA tests (CUDA graph vs eager, every norm on CUDA, a CUDA training run);
-#   2. bench_train: normlab vs the standard loop on a GPU grid, eager vs CUDA graph at small batches,
-#      channels_last vs NCHW per norm, and a profile of the small-batch step;
+#   1. the CUDA tests (CUDA graph vs eager, every norm on CUDA, a CUDA training run), and compiled vs eager
+#      for every norm and a compiled run on CUDA (Triton's kernels);
+#   2. bench_train: normlab vs the standard loop on a GPU grid, eager vs CUDA graph vs compile
+#      (reduce-overhead) at small batches, channels_last vs NCHW per norm, a profile of the small step;
 #   3. one full CIFAR-10 epoch of resnet20 at N=2 × W=8 (3,125 steps) through a CUDA graph;
 #   4. a short gn_batch_size sweep on CIFAR-10 and its report;
-#   5. the compile-vs-eager tests on CUDA (Triton), the norm numerics check and the norm benchmark;
+#   5. the norm numerics check and the norm benchmark;
 #   6. with the time left, the quick test suite (its training tests run on CUDA: trainer.device=auto).
 # Logs, CSV and markdown tables go to OUTDIR; OUTDIR/summary.txt collects the headlines. The whole check keeps
 # to GPU_CHECK_SECONDS (default 470): a step gets its own limit or what is left, whichever is less.
@@ -43,9 +44,11 @@ step() {  # step SECONDS LOGNAME COMMAND...: run with a time limit, keep its log
 bench=(python3 scripts/bench_train.py)  # an array, not a function: `timeout` runs programs
 log "$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader) · $(python3 -c 'import torch; print("torch", torch.__version__)')"
 
-log "1. CUDA tests: CUDA graph vs eager, norms on CUDA, a CUDA training run"
+log "1. CUDA tests: CUDA graph vs eager, norms on CUDA, a CUDA training run; compile vs eager on CUDA (Triton)"
 step 150 tests_cuda python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 tail -3 "$out/tests_cuda.txt" | tee -a "$out/summary.txt"
+step 180 tests_compile python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
+tail -1 "$out/tests_compile.txt" | tee -a "$out/summary.txt"
 
 log "2a. bench_train, small batches: eager vs CUDA graph (resnet20, N=2 × W=8) beside the standard loop"
 step 90 bench_small_eager "${bench[@]}" --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 30 --warmup 5 \
@@ -53,6 +56,12 @@ step 90 bench_small_eager "${bench[@]}" --models resnet20 --norms bn gn --per-wo
 step 90 bench_small_graph "${bench[@]}" --models resnet20 --norms bn gn --per-worker 2 --workers 8 --steps 60 --warmup 5 \
   --images 4096 --cuda-graph true --skip-reference --csv "$out/bench_small_graph.csv"
 tail -n +3 "$out/bench_small_eager.txt" "$out/bench_small_graph.txt" | tee -a "$out/summary.txt"
+
+log "2a'. the other way to replay small steps: torch.compile mode=reduce-overhead (resnet20, N=2 × W=8)"
+step 120 bench_small_reduce_overhead "${bench[@]}" --models resnet20 --norms bn gn --per-worker 2 --workers 8 \
+  --steps 60 --warmup 10 --images 4096 --cuda-graph false --compile reduce-overhead --skip-reference \
+  --csv "$out/bench_small_reduce_overhead.csv"
+tail -n +3 "$out/bench_small_reduce_overhead.txt" | tee -a "$out/summary.txt"
 
 log "2b. bench_train, large batches: resnet18 at N=64, 32 × W=8 (graph on), beside the standard loop"
 step 150 bench_large "${bench[@]}" --models resnet18 --norms bn gn --per-worker 64 32 --workers 8 --steps 20 --warmup 5 \
@@ -87,9 +96,7 @@ grep -E "sweep: |sweep finished" "$out/sweep.txt" | sed 's/.*\] //' | tee -a "$o
 step 60 report python3 -m normlab.cli "$out/sweep" --out "$out/report" && \
   cat "$out/report/table_batch_size.md" | tee -a "$out/summary.txt"
 
-log "5. compile vs eager on CUDA, norm numerics, norm benchmark"
-step 180 tests_compile python3 -m pytest -q -p no:cacheprovider tests/test_compile.py -k cuda
-tail -1 "$out/tests_compile.txt" | tee -a "$out/summary.txt"
+log "5. norm numerics and the norm benchmark"
 step 60 cuda_norm_check python3 scripts/cuda_norm_check.py cuda
 tail -1 "$out/cuda_norm_check.txt" | tee -a "$out/summary.txt"
 step 60 bench_norms python3 scripts/bench_norms.py --device cuda --seconds 1 --csv "$out/bench_norms_cuda.csv"
