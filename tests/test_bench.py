@@ -14,7 +14,7 @@ from torch import nn
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-bench_train = pytest.importorskip("bench_train")
+import bench_train  # noqa: E402
 
 REQUIRED = ["model", "norm", "per_worker", "workers", "total_batch", "device", "normlab_img_s", "reference_img_s",
             "ratio"]

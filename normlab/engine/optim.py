@@ -33,8 +33,8 @@ def build_optimizer(model: nn.Module, cfg, lr: float, *, capturable: bool = Fals
     if capturable:
         for group in groups:
             group["lr"] = torch.tensor(lr, device=device)
-    fused = capturable or device.type in ("cpu", "cuda")
-    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused or None)
+    fused = device.type in ("cpu", "cuda") or None  # None: torch's own choice elsewhere
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
 
 
 class LRFactor:

@@ -23,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import (ConfigError, host_synced_norm, model_options, norm_options, schema_defaults,
-                            validate)
+from normlab.config import host_synced_norm, model_options, norm_options, validate
 from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.step import CudaGraphStep, TrainStep
 from normlab.engine.optim import build_optimizer, build_schedule
+from normlab.engine.rerun import job_changes, refuse_another_job
 from normlab.loggers import build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
@@ -122,57 +122,6 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
         **identity(cfg), **extra,
         "normlab_version": normlab.__version__, "git_commit": git_commit(),
     }
-
-
-# Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
-# The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
-RUNTIME_KEYS = ("name", "logger", "experiment", "trainer.threads", "trainer.force", "trainer.progress",
-                "trainer.checkpoint", "trainer.device", "data.root", "data.download", "data.cache_dir",
-                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb")
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: leaf value}."""
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-
-
-def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
-    """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside.
-
-    A key the saved config lacks (a later normlab added it) counts with its schema default from
-    `defaults`; a key only the saved config has (since dropped) is no change of the job.
-    """
-    old, new, default = flatten(saved), flatten(current), flatten(defaults or {})
-    runtime = lambda key: any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)  # noqa: E731
-    changes = []
-    for key in sorted(new):
-        if runtime(key) or (key not in old and key not in default):
-            continue
-        before = old[key] if key in old else default[key]
-        if before != new[key]:
-            changes.append((key, before, new[key]))
-    return changes
-
-
-def job_changes(cfg: DictConfig, records: RunDir) -> list[tuple[str, Any, Any]]:
-    """How `cfg` differs from the finished or checkpointed run in `records` (nothing there: no change)."""
-    if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()):
-        return []
-    saved = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
-    return changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), schema_defaults(cfg.norm.name))
-
-
-def refuse_another_job(records: RunDir, changes: list[tuple[str, Any, Any]]) -> None:
-    """Skipping or resuming a run of another config (an edited experiment file, a reused sweep folder)
-    would pass its results off as this job's."""
-    listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changes[:6])
-    more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
-    state = records.read_summary()["status"] if records.is_final() else "interrupted, with a checkpoint"
-    raise ConfigError(
-        f"{records.path} holds a run ({state}) of another config: {listed}{more}. "
-        "trainer.force=true replaces it; another hydra.sweep.dir (or hydra.run.dir) keeps both")
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:

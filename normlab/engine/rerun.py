@@ -1,0 +1,67 @@
+"""Whether a run folder's run is this job's, before it is skipped (done) or resumed (checkpoint).
+
+Run folders are named by the overrides that differ, so an edited experiment file or a reused sweep folder
+puts another config's run where this job looks. Skipping or resuming it would pass its results off as
+this job's: that is refused, naming the keys that changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.config import ConfigError, schema_defaults
+from normlab.records import RunDir
+
+# Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
+# The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
+RUNTIME_KEYS = ("name", "logger", "experiment", "trainer.threads", "trainer.force", "trainer.progress",
+                "trainer.checkpoint", "trainer.device", "data.root", "data.download", "data.cache_dir",
+                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb")
+
+
+def is_runtime_key(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
+def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside.
+
+    A key the saved config lacks (a later normlab added it) counts with its schema default from
+    `defaults`; a key only the saved config has (since dropped) is no change of the job.
+    """
+    old, new, default = flatten(saved), flatten(current), flatten(defaults or {})
+    changes = []
+    for key in sorted(new):
+        if is_runtime_key(key) or (key not in old and key not in default):
+            continue
+        before = old[key] if key in old else default[key]
+        if before != new[key]:
+            changes.append((key, before, new[key]))
+    return changes
+
+
+def job_changes(cfg: DictConfig, records: RunDir) -> list[tuple[str, Any, Any]]:
+    """How `cfg` differs from the finished or checkpointed run in `records` (nothing there: no change)."""
+    if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()):
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
+    return changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), schema_defaults(cfg.norm.name))
+
+
+def refuse_another_job(records: RunDir, changes: list[tuple[str, Any, Any]]) -> None:
+    """Raise the ConfigError that names the changed keys and the two ways on."""
+    listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changes[:6])
+    more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
+    state = records.read_summary()["status"] if records.is_final() else "interrupted, with a checkpoint"
+    raise ConfigError(
+        f"{records.path} holds a run ({state}) of another config: {listed}{more}. "
+        "trainer.force=true replaces it; another hydra.sweep.dir (or hydra.run.dir) keeps both")
