@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file fr
 from normlab.norms import NORMS, REGISTRY, NormChannelError, build_norm  # noqa: E402
 
 DEFAULT_SHAPES = ("128x64x32x32", "32x256x14x14")
+LAYOUT_SHAPE = "128x16x32x32"
 TARGET_BATCH = 128  # W·N for the per-worker rows
 BN_LABEL = "nn.BatchNorm2d"
 MAX_REPEATS = 100
@@ -57,8 +58,9 @@ class Row:
     shape: Shape
     norm: str
     ms: float
-    vs_bn: float  # ms / ms of nn.BatchNorm2d on the same shape and device
+    vs_bn: float  # ms / ms of the group's reference (nn.BatchNorm2d, or the faster of its two layouts)
     n: int  # timed iterations behind the median
+    precision: str = "fp32"  # of the activations; parameters stay float32, as under autocast
 
 
 @dataclass(frozen=True)
@@ -131,21 +133,27 @@ def fwd_bwd_seconds(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> fl
     return time.perf_counter() - start
 
 
-def time_interleaved(layers: Sequence[nn.Module], shape: Shape, device: torch.device,
-                     budget: Budget) -> tuple[list[float], int]:
+def time_interleaved(layers: Sequence[nn.Module], shape: Shape, device: torch.device, budget: Budget,
+                     dtype: torch.dtype = torch.float32,
+                     formats: Sequence[torch.memory_format] | None = None) -> tuple[list[float], int]:
     """Median ms per forward+backward of each layer on one input, and the number of timed rounds.
 
-    After `budget.warmup` untimed iterations of each layer, every round times one iteration of
-    each layer in turn, in a fresh random order (so that no layer always follows the same one, e.g.
-    a slow loop that lets the GPU idle): at least `budget.repeats` rounds, then more while the
-    rounds have taken less than `budget.seconds` in all, up to MAX_REPEATS.
+    The input is random, of `dtype` (bf16 activations meet float32 parameters, as under autocast), in
+    each layer's memory format (`formats`, default contiguous). After `budget.warmup` untimed
+    iterations of each layer, every round times one iteration of each layer in turn, in a fresh random
+    order (so that no layer always follows the same one, e.g. a slow loop that lets the GPU idle): at
+    least `budget.repeats` rounds, then more while the rounds have taken less than `budget.seconds` in
+    all, up to MAX_REPEATS.
     """
-    x = torch.randn(shape, device=device, requires_grad=True)
-    grad = torch.randn(shape, device=device)
+    formats = list(formats or [torch.contiguous_format] * len(layers))
+    x = torch.randn(shape, device=device).to(dtype)
+    grad = torch.randn(shape, device=device).to(dtype)
+    inputs = {f: (x.contiguous(memory_format=f).requires_grad_(), grad.contiguous(memory_format=f))
+              for f in set(formats)}
     layers = [layer.to(device).train() for layer in layers]
-    for layer in layers:
+    for layer, f in zip(layers, formats):
         for _ in range(budget.warmup):
-            fwd_bwd_seconds(layer, x, grad)
+            fwd_bwd_seconds(layer, *inputs[f])
     seconds: list[list[float]] = [[] for _ in layers]
     order = list(range(len(layers)))
     rng = random.Random(0)
@@ -154,16 +162,20 @@ def time_interleaved(layers: Sequence[nn.Module], shape: Shape, device: torch.de
     while rounds < budget.repeats or (rounds < MAX_REPEATS and time.perf_counter() - start < budget.seconds):
         rng.shuffle(order)
         for i in order:
-            seconds[i].append(fwd_bwd_seconds(layers[i], x, grad))
+            seconds[i].append(fwd_bwd_seconds(layers[i], *inputs[formats[i]]))
         rounds += 1
     return [1e3 * statistics.median(times) for times in seconds], rounds
 
 
-def bench_group(candidates: dict[str, nn.Module], shape: Shape, device: torch.device, budget: Budget) -> list[Row]:
-    """Rows for `candidates` (label → layer) timed together; the ratio is to the BN_LABEL candidate."""
-    medians, rounds = time_interleaved(list(candidates.values()), shape, device, budget)
+def bench_group(candidates: dict[str, nn.Module], shape: Shape, device: torch.device, budget: Budget,
+                dtype: torch.dtype = torch.float32, formats: dict[str, torch.memory_format] | None = None,
+                reference: str = BN_LABEL) -> list[Row]:
+    """Rows for `candidates` (label → layer) timed together; the ratio is to the `reference` candidate."""
+    formats = formats or {}
+    medians, rounds = time_interleaved(list(candidates.values()), shape, device, budget, dtype,
+                                       [formats.get(label, torch.contiguous_format) for label in candidates])
     ms = dict(zip(candidates, medians))
-    return [Row(str(device), shape, label, t, t / ms[BN_LABEL], rounds) for label, t in ms.items()]
+    return [Row(str(device), shape, label, t, t / ms[reference], rounds) for label, t in ms.items()]
 
 
 # ------------------------------------------------------------------------------------ candidates
@@ -227,6 +239,39 @@ def target_candidates(channels: int) -> tuple[dict[str, nn.Module], list[Target]
     return candidates, targets
 
 
+FASTEST_BN = "fastest nn.BatchNorm2d"
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def layout_candidates(channels: int, precision: str) -> tuple[dict[str, nn.Module], dict[str, torch.memory_format],
+                                                              list[Target]]:
+    """Per-worker BN at W=8 and W=64 in each memory format against torch's BN in its faster format.
+
+    The target (<= 1.15x) is the same in both formats, so that the format a whole training step wants
+    (the convolutions') costs BN nothing.
+    """
+    candidates: dict[str, nn.Module] = {}
+    formats: dict[str, torch.memory_format] = {}
+    targets = []
+    for layout, memory_format in LAYOUTS.items():
+        label = f"{BN_LABEL} {layout}"
+        candidates[label], formats[label] = nn.BatchNorm2d(channels), memory_format
+    for layout, memory_format in LAYOUTS.items():
+        for workers in (8, 64):
+            label = f"bn (W={workers}, N={TARGET_BATCH // workers}) {layout}"
+            candidates[label], formats[label] = build_norm("bn", channels, workers=workers), memory_format
+            targets.append(Target(f"{precision} {label} / {FASTEST_BN}", label, FASTEST_BN, 1.15))
+    return candidates, formats, targets
+
+
+def with_fastest_bn(rows: list[Row]) -> list[Row]:
+    """`rows` of a layout group, the faster nn.BatchNorm2d added as the reference and every ratio made to it."""
+    fastest = min((r for r in rows if r.norm.startswith(BN_LABEL)), key=lambda r: r.ms)
+    rows = [Row(fastest.device, fastest.shape, FASTEST_BN, fastest.ms, 1.0, fastest.n, fastest.precision), *rows]
+    return [Row(r.device, r.shape, r.norm, r.ms, r.ms / fastest.ms, r.n, r.precision) for r in rows]
+
+
 # ------------------------------------------------------------------------------------- reporting
 
 
@@ -236,10 +281,11 @@ def format_shape(shape: Shape) -> str:
 
 def print_table(rows: Sequence[Row]) -> None:
     """Rows in aligned columns, a blank line between devices/shapes."""
-    header = ("device", "shape", "norm", "ms", "vs BN", "n")
-    cells = [(r.device, format_shape(r.shape), r.norm, f"{r.ms:.2f}", f"{r.vs_bn:.2f}x", str(r.n)) for r in rows]
+    header = ("device", "precision", "shape", "norm", "ms", "vs BN", "n")
+    cells = [(r.device, r.precision, format_shape(r.shape), r.norm, f"{r.ms:.2f}", f"{r.vs_bn:.2f}x", str(r.n))
+             for r in rows]
     widths = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
-    aligns = ("<", "<", "<", ">", ">", ">")
+    aligns = ("<", "<", "<", "<", ">", ">", ">")
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(f"{v:{a}{w}}" for v, a, w in zip(values, aligns, widths))
@@ -248,9 +294,9 @@ def print_table(rows: Sequence[Row]) -> None:
     print("  ".join("-" * w for w in widths))
     previous = None
     for row, cell in zip(rows, cells):
-        if previous is not None and (row.device, row.shape) != previous:
+        if previous is not None and (row.device, row.precision, row.shape) != previous:
             print()
-        previous = (row.device, row.shape)
+        previous = (row.device, row.precision, row.shape)
         print(line(cell))
 
 
@@ -265,9 +311,10 @@ def print_targets(results: Sequence[tuple[str, Target, str, str]]) -> None:
 def write_csv(path: str, rows: Sequence[Row]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["device", "shape", "norm", "ms", "vs_bn", "n"])
+        writer.writerow(["device", "precision", "shape", "norm", "ms", "vs_bn", "n"])
         for r in rows:
-            writer.writerow([r.device, format_shape(r.shape), r.norm, f"{r.ms:.4f}", f"{r.vs_bn:.4f}", r.n])
+            writer.writerow([r.device, r.precision, format_shape(r.shape), r.norm, f"{r.ms:.4f}", f"{r.vs_bn:.4f}",
+                             r.n])
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -297,6 +344,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"keep timing each group of layers for this long, up to {MAX_REPEATS} "
                              "iterations per layer (default: 6; 0: exactly --repeats)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations per layer first (default: 1)")
+    parser.add_argument("--layout-shape", type=parse_shape, default=parse_shape(LAYOUT_SHAPE), metavar="NxCxHxW",
+                        help=f"shape of the per-worker BN rows in both memory formats (default: {LAYOUT_SHAPE}, "
+                             "resnet20's first stage at a total batch of 128)")
+    parser.add_argument("--precisions", nargs="+", choices=tuple(PRECISIONS), default=list(PRECISIONS),
+                        help="activation precisions of those rows (default: fp32 bf16)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--csv", metavar="PATH", help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
@@ -336,6 +388,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += target_rows
         by_label = {r.norm: r for r in target_rows}
         target_results += [(str(device), t, *t.evaluate(by_label)) for t in targets]
+        for precision in args.precisions:
+            candidates, formats, targets = layout_candidates(args.layout_shape[1], precision)
+            layout_rows = with_fastest_bn(bench_group(candidates, args.layout_shape, device, budget,
+                                                      PRECISIONS[precision], formats, reference=f"{BN_LABEL} nchw"))
+            rows += [Row(r.device, r.shape, r.norm, r.ms, r.vs_bn, r.n, precision) for r in layout_rows]
+            by_label = {r.norm: r for r in layout_rows}
+            target_results += [(str(device), t, *t.evaluate(by_label)) for t in targets]
 
     print_table(rows)
     for note in notes:

@@ -126,12 +126,15 @@ class SlowPerWorkerBN(nn.Module):
         return torch.stack([getattr(bn, buffer) for bn in self.workers]).mean(0)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("workers, per_worker", [(2, 3), (4, 2), (8, 1)])
-def test_bn_with_workers_matches_a_loop_of_batch_norms_per_chunk(workers, per_worker):
+def test_bn_with_workers_matches_a_loop_of_batch_norms_per_chunk(workers, per_worker, channels_last):
     bn = randomize_affine(build_norm("bn", 5, workers=workers))
     slow = SlowPerWorkerBN(bn, workers)
     for step in range(3):
         x = torch.randn(workers * per_worker, 5, 4, 3) * 3 + step
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         assert_matches(bn, slow, x)
     torch.testing.assert_close(bn.running_mean, slow.averaged("running_mean"))
     torch.testing.assert_close(bn.running_var, slow.averaged("running_var"))
@@ -176,6 +179,46 @@ def test_bn_eval_uses_running_stats_for_any_batch_size():
     x = torch.randn(3, 4, 3, 3)  # not a multiple of workers: fine in eval
     expected = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, training=False, eps=bn.eps)
     torch.testing.assert_close(bn(x), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("workers", [4, 16])
+def test_bn_with_workers_in_bf16_matches_the_chunk_loop_within_bf16_rounding(workers, channels_last):
+    """bf16 activations with float32 parameters, as under autocast: output and every gradient against the
+    float64 chunk loop on the same bf16 values, within a few bf16 ulps of the output's scale."""
+    torch.manual_seed(0)
+    bn = randomize_affine(build_norm("bn", 6, workers=workers)).float()
+    slow = SlowPerWorkerBN(bn, workers).double()
+    x = (torch.randn(workers * 2, 6, 5, 5) * 3 + 1).bfloat16()
+    grad = torch.randn_like(x)
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
+    y, gx, gp = forward_backward(bn, x, grad)
+    y_ref, gx_ref, gp_ref = forward_backward(slow, x.double(), grad.double())
+    assert y.dtype == gx.dtype == torch.bfloat16 and y.is_contiguous(memory_format=x_format(x))
+    torch.testing.assert_close(y.double(), y_ref, atol=0.03, rtol=0.01)
+    torch.testing.assert_close(gx.double(), gx_ref, atol=0.03, rtol=0.01)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name].double(), gp_ref[name], atol=1e-3, rtol=1e-3, msg=name)
+    torch.testing.assert_close(bn.running_mean.double(), slow.averaged("running_mean"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), slow.averaged("running_var"), atol=1e-5, rtol=1e-5)
+
+
+def x_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bn_with_workers_without_affine_matches_the_chunk_loop(channels_last):
+    bn = build_norm("bn", 3, workers=2, affine=False)
+    x = torch.randn(4, 3, 3, 3, requires_grad=True)
+    grad = torch.randn_like(x)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    bn(x).backward(grad)
+    x_ref = x.detach().clone().requires_grad_()
+    torch.cat([F.batch_norm(c, None, None, training=True) for c in x_ref.chunk(2)]).backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
 
 
 def test_bn_with_workers_is_memory_format_agnostic():

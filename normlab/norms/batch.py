@@ -2,8 +2,7 @@
 
 The paper's "batch size" is images per GPU: 8 GPUs each normalize their own N images, with
 BN statistics not synchronized. Here one device simulates W such workers: a batch of W·N
-images is viewed as (W, N, C, H, W) and every statistic is taken per worker, in one pass,
-without a Python loop over workers.
+images is normalized as W chunks of N, each by its own statistics, as W GPUs running plain BN would.
 """
 
 from __future__ import annotations
@@ -53,57 +52,153 @@ def per_sample(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0)[:, :, None, None].to(x.dtype)
 
 
-def per_sample_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Σ over (H, W) of a·b, per sample and channel, without a full-size temporary where it can."""
-    if a.device.type == "cpu" and a.dtype == b.dtype == dtype and a.is_contiguous() and b.is_contiguous():
-        return torch.einsum("bchw,bchw->bc", a, b)
-    return (a * b).sum((2, 3), dtype=dtype)
+_aten = torch.ops.aten
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _per_sample_view(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous (W·N, C, H, W) tensor as (1, W·N·C, H·W): one 'channel' per sample and channel."""
+    return x.view(1, x.shape[0] * x.shape[1], -1)
+
+
+def _sample_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ a·b, Σ a) over (H, W), per sample and channel, in one pass of torch's native BN backward kernel.
+
+    With mean 0 and invstd 1, its grad_weight is Σ a·b and its grad_bias Σ a, accumulated in float32
+    (float64 for float64 input) whatever the input precision.
+    """
+    n = a.shape[0] * a.shape[1]
+    zero, one = a.new_zeros(n, dtype=_stat_dtype(a)), a.new_ones(n, dtype=_stat_dtype(a))
+    _, ab, total = _aten.native_batch_norm_backward(_per_sample_view(a), _per_sample_view(b), None, None, None,
+                                                    zero, one, True, 0.0, [False, True, True])
+    return ab.view(a.shape[:2]), total.view(a.shape[:2])
+
+
+def _sample_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x·scale + shift with one (scale, shift) per sample and channel, in one pass of torch's BN eval kernel."""
+    n = x.shape[0] * x.shape[1]
+    zero, one = scale.new_zeros(n), scale.new_ones(n)
+    return torch.batch_norm(_per_sample_view(x), scale.reshape(n), shift.reshape(n), zero, one,
+                            False, 0.0, 0.0, False).view(x.shape)
+
+
+def _worker_rows(x: torch.Tensor, workers: int) -> tuple[torch.Tensor, ...]:
+    """Each worker's chunk of a channels_last (W·N, C, H, W) tensor as its (N·H·W, C) rows: views, no copy."""
+    return x.permute(0, 2, 3, 1).reshape(workers, -1, x.shape[1]).unbind(0)
+
+
+def _cpu_forward(x, weight, bias, workers, eps):
+    """(y, mean, var, invstd) on the CPU, each statistic (W, C); torch's native BN kernels make every pass.
+
+    NCHW: per-sample sums of x and x² in one pass, pooled per worker (E[x²] − E[x]² in float32: it loses
+    precision only where a channel's mean exceeds its std ~100-fold, which conv outputs in a ResNet do not
+    approach), then the affine in one pass. channels_last: each worker's (N·H·W, C) rows are contiguous,
+    the layout torch's BN kernel reads fastest, so each worker is one native BN call writing its slice.
+    """
+    count = x.shape[0] // workers * x.shape[2] * x.shape[3]
+    if _is_channels_last(x):
+        y = torch.empty_like(x)
+        mean = x.new_empty(workers, x.shape[1], dtype=_stat_dtype(x))
+        invstd = torch.empty_like(mean)
+        for w, (rows, out) in enumerate(zip(_worker_rows(x, workers), _worker_rows(y, workers))):
+            _aten.native_batch_norm.out(rows, weight, bias, None, None, True, 0.0, eps,
+                                        out=out, save_mean=mean[w], save_invstd=invstd[w])
+        return y, mean, (invstd.square().reciprocal() - eps).clamp_min(0.0), invstd
+    x = x.contiguous()
+    squares, sums = _sample_sums(x, x)
+    mean = sums.unflatten(0, (workers, -1)).sum(1) / count
+    var = (squares.unflatten(0, (workers, -1)).sum(1) / count - mean.square()).clamp_min(0.0)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight
+    y = _sample_affine(x, _per_sample_rows(scale, x), _per_sample_rows(bias - mean * scale, x))
+    return y, mean, var, invstd
+
+
+def _cpu_backward(grad_y, x, weight, mean, invstd, workers, eps):
+    """(grad_x, Σ grad·x̂, Σ grad) on the CPU, the sums per worker and channel; see :func:`_cpu_forward`."""
+    if _is_channels_last(x):
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x)
+        sum_g_xhat, sum_g = torch.empty_like(mean), torch.empty_like(mean)
+        chunks = zip(_worker_rows(grad_y, workers), _worker_rows(x, workers), _worker_rows(grad_x, workers))
+        for w, (g, rows, out) in enumerate(chunks):
+            _aten.native_batch_norm_backward.out(g, rows, weight, None, None, mean[w], invstd[w], True, eps,
+                                                 [True, True, True], out0=out, out1=sum_g_xhat[w], out2=sum_g[w])
+        return grad_x, sum_g_xhat, sum_g
+    count = x.shape[0] // workers * x.shape[2] * x.shape[3]
+    x, grad_y = x.contiguous(), grad_y.contiguous()
+    sum_gx, sum_g = (s.unflatten(0, (workers, -1)).sum(1) for s in _sample_sums(grad_y, x))
+    sum_g_xhat = invstd * (sum_gx - mean * sum_g)
+    a = invstd * weight
+    b = -a * invstd * sum_g_xhat / count
+    c = -a * sum_g / count - b * mean
+    grad_x = _sample_affine(x, _per_sample_rows(b, x), _per_sample_rows(c, x))  # b·x + c, then + a·grad
+    grad_x.addcmul_(grad_y, per_sample(a, x))
+    return grad_x, sum_g_xhat, sum_g
+
+
+def _cuda_forward(x, weight, bias, workers, eps):
+    """(y, mean, var, invstd): pooled per-sample Welford moments, one fused elementwise pass for y."""
+    var, mean = worker_moments(x, workers)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd * weight
+    y = torch.addcmul(per_sample(bias - mean * scale, x), x, per_sample(scale, x))
+    return y, mean, var, invstd
+
+
+def _cuda_backward(grad_y, x, weight, mean, invstd, workers, eps):
+    """(grad_x, Σ grad·x̂, Σ grad): reductions per sample, pooled; one fused pass for grad_x."""
+    count = x.shape[0] // workers * x.shape[2] * x.shape[3]
+    sum_g = grad_y.sum((2, 3), dtype=mean.dtype).unflatten(0, (workers, -1)).sum(1)
+    sum_gx = (grad_y * x).sum((2, 3), dtype=mean.dtype).unflatten(0, (workers, -1)).sum(1)
+    sum_g_xhat = invstd * (sum_gx - mean * sum_g)
+    a = invstd * weight
+    b = -a * invstd * sum_g_xhat / count
+    c = -a * sum_g / count - b * mean
+    grad_x = torch.mul(x, per_sample(b, x))  # grad_x = a·grad + b·x + c, in place after one allocation
+    grad_x.add_(per_sample(c, x)).addcmul_(grad_y, per_sample(a, x))
+    return grad_x, sum_g_xhat, sum_g
+
+
+def _per_sample_rows(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (W, C) per-worker statistic repeated for each of the worker's samples: (W·N, C)."""
+    return stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0)
 
 
 class _PerWorkerBatchNormFn(torch.autograd.Function):
     """BN with per-worker statistics: ``F.batch_norm``'s formulas applied to each worker's chunk at once.
 
-    Statistics: on CUDA, the pooled per-sample Welford moments of :func:`worker_moments` (stable, and
-    cheap there). On a CPU, where that reduction is slow, per-sample sums of x and x² (one cheap pass
-    each, no temporary); their E[x²] − E[x]² loses precision only where a channel's mean exceeds its
-    std ~100-fold (relative error ~1e-3 there), which conv outputs in a ResNet do not approach.
-    The output and the input gradient are one fused pass each.
+    On CUDA, pooled Welford moments and one fused elementwise pass each for the output and the input
+    gradient (:func:`_cuda_forward`). On a CPU, where small reductions and broadcasting elementwise ops
+    are slow, every pass runs in torch's own BN kernels (:func:`_cpu_forward`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, workers: int, eps: float):
-        count = x.shape[0] // workers * x.shape[2] * x.shape[3]  # values per worker and channel
-        if x.device.type == "cpu":
-            dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-            sums = x.sum((2, 3), dtype=dtype).unflatten(0, (workers, -1)).sum(1)
-            squares = torch.linalg.vector_norm(x, dim=(2, 3), dtype=dtype).square()
-            mean = sums / count
-            var = (squares.unflatten(0, (workers, -1)).sum(1) / count - mean.square()).clamp_min(0.0)
-        else:
-            var, mean = worker_moments(x, workers)
-        invstd = torch.rsqrt(var + eps)
-        scale = invstd if weight is None else invstd * weight
-        shift = -mean * scale if bias is None else bias - mean * scale
-        y = torch.addcmul(per_sample(shift, x), x, per_sample(scale, x))
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.workers, ctx.count = workers, count
+        dtype = _stat_dtype(x)  # torch's kernels take bf16 input with float32 parameters, not bf16 ones
+        w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
+        b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
+        forward = _cpu_forward if x.device.type == "cpu" else _cuda_forward
+        y, mean, var, invstd = forward(x, w, b, workers, eps)
+        ctx.save_for_backward(x, w, mean, invstd)
+        ctx.workers, ctx.eps, ctx.param_dtype = workers, eps, dtype if weight is None else weight.dtype
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
-        workers, count = ctx.workers, ctx.count
-        sum_g = grad_y.sum((2, 3), dtype=mean.dtype).unflatten(0, (workers, -1)).sum(1)
-        sum_gx = per_sample_dot(grad_y, x, mean.dtype).unflatten(0, (workers, -1)).sum(1)
-        sum_g_xhat = invstd * (sum_gx - mean * sum_g)  # Σ grad·x̂ per worker and channel
-        a = invstd if weight is None else invstd * weight
-        b = -a * invstd * sum_g_xhat / count
-        c = -a * sum_g / count - b * mean
-        grad_x = torch.mul(x, per_sample(b, x))  # grad_x = a·grad + b·x + c, in place after one allocation
-        grad_x.add_(per_sample(c, x)).addcmul_(grad_y, per_sample(a, x))
-        grad_weight = sum_g_xhat.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_g.sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        backward = _cpu_backward if x.device.type == "cpu" else _cuda_backward
+        grad_x, sum_g_xhat, sum_g = backward(grad_y, x, weight, mean, invstd, ctx.workers, ctx.eps)
+        grad_weight = sum_g_xhat.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
+        grad_bias = sum_g.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None
 
 
