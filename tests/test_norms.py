@@ -221,6 +221,20 @@ def test_bn_with_workers_without_affine_matches_the_chunk_loop(channels_last):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_bn_with_workers_output_takes_an_in_place_relu(channels_last):
+    """A ResNet applies ReLU in place after BN: the output must be a tensor of its own, and the gradient right."""
+    bn = randomize_affine(build_norm("bn", 3, workers=2))
+    x = torch.randn(4, 3, 3, 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    bn(x).relu_().sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.cat([F.batch_norm(c, None, None, bn.weight, bn.bias, training=True) for c in x_ref.chunk(2)]).relu().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_bn_with_workers_is_memory_format_agnostic():
     bn = build_norm("bn", 8, workers=4)
     x = torch.randn(8, 8, 5, 5)

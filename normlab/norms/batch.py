@@ -82,11 +82,16 @@ def _sample_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _sample_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x·scale + shift with one (scale, shift) per sample and channel, in one pass of torch's BN eval kernel."""
+    """x·scale + shift with one (scale, shift) per sample and channel, in one pass of torch's BN eval kernel.
+
+    Written into a fresh tensor of x's shape (not returned as a view), so that an in-place ReLU may follow.
+    """
     n = x.shape[0] * x.shape[1]
     zero, one = scale.new_zeros(n), scale.new_ones(n)
-    return torch.batch_norm(_per_sample_view(x), scale.reshape(n), shift.reshape(n), zero, one,
-                            False, 0.0, 0.0, False).view(x.shape)
+    out = torch.empty_like(x)
+    _aten.native_batch_norm.out(_per_sample_view(x), scale.reshape(n), shift.reshape(n), zero, one, False, 0.0, 0.0,
+                                out=_per_sample_view(out), save_mean=scale.new_empty(0), save_invstd=scale.new_empty(0))
+    return out
 
 
 def _worker_rows(x: torch.Tensor, workers: int) -> tuple[torch.Tensor, ...]:
