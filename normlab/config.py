@@ -18,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from normlab.norms import REGISTRY
+from normlab.protocol import ProtocolError, effective
 
 # Options that the model binds itself, not the user: W comes from batch.workers, and whether a
 # norm-activation layer applies its activation depends on where it sits in the block.
@@ -41,7 +42,8 @@ class ModelConfig:
 @dataclass
 class BatchConfig:
     per_worker: int = 32  # N: the normalization batch, the paper's "batch size"
-    workers: int = 8  # W: workers simulated on one device; the optimizer step sees N·W images
+    workers: Optional[int] = 8  # W: workers simulated on one device; the optimizer step sees N·W images
+    total: Optional[int] = None  # B: a fixed total batch instead (W = B/N; set workers to null)
 
 
 @dataclass
@@ -202,7 +204,14 @@ def validate(cfg: DictConfig) -> None:
     from normlab.data import describe
 
     _check(cfg.batch.per_worker >= 1, "batch.per_worker", cfg.batch.per_worker, "need at least 1 image per worker")
-    _check(cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers, "need at least 1 worker")
+    _check(cfg.batch.workers is None or cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers,
+           "need at least 1 worker")
+    _check(cfg.batch.total is None or cfg.batch.total >= 1, "batch.total", cfg.batch.total,
+           "must be >= 1, or null for the paper's protocol (W = batch.workers)")
+    try:
+        workers = effective(cfg).workers
+    except ProtocolError as e:
+        raise ConfigError(str(e)) from None
     _check(cfg.trainer.epochs >= 1, "trainer.epochs", cfg.trainer.epochs, "need at least 1 epoch")
     _check(cfg.trainer.eval_every >= 1, "trainer.eval_every", cfg.trainer.eval_every, "must be >= 1")
     _check(cfg.trainer.precision in ("auto", "fp32", "bf16"), "trainer.precision", cfg.trainer.precision,
@@ -238,24 +247,24 @@ def validate(cfg: DictConfig) -> None:
     if graph == "true":
         _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
         _check(not host_synced_norm(cfg), "trainer.cuda_graph", True,
-               "norm=bn with norm.momentum=null and batch.workers=1 is torch's BatchNorm2d, whose cumulative "
+               "norm=bn with norm.momentum=null and one worker is torch's BatchNorm2d, whose cumulative "
                "average reads the step count on the host, which a CUDA graph cannot capture; give norm.momentum "
                "a value, or use trainer.cuda_graph=auto (off for this norm)")
         _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
                f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
                f"use trainer.cuda_graph=auto or false")
     shape = describe(cfg.data)  # checks the data name, its options and that its files exist
-    total = cfg.batch.per_worker * cfg.batch.workers
+    total = cfg.batch.per_worker * workers
     if shape.train_size is not None and total > shape.train_size:
-        raise ConfigError(f"batch.per_worker × batch.workers = {cfg.batch.per_worker} × {cfg.batch.workers} = {total} "
+        raise ConfigError(f"batch.per_worker × workers = {cfg.batch.per_worker} × {workers} = {total} "
                           f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
-                          f"step's batch; lower batch.per_worker or batch.workers")
+                          f"step's batch; lower batch.per_worker, batch.workers or batch.total")
     _check_model(cfg, shape)
 
 
 def host_synced_norm(cfg: DictConfig) -> bool:
     """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
-    return (cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and cfg.batch.workers == 1
+    return (cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and effective(cfg).workers == 1
             and cfg.norm.get("track_running_stats", True))
 
 
@@ -295,14 +304,14 @@ def _check_model(cfg: DictConfig, shape) -> None:
     norm = norm_options(cfg)
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.name, shape.num_classes, norm, workers=cfg.batch.workers,
+            model = build_model(cfg.model.name, shape.num_classes, norm, workers=effective(cfg).workers,
                                 in_chans=shape.channels, **options)
     except ValueError as e:
         raise ConfigError(f"cannot build model={cfg.model.name} with norm={cfg.norm.name}: {e}") from None
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
              for path, m in model.named_modules() if path]
-    batch = torch.empty(cfg.batch.per_worker * cfg.batch.workers, shape.channels, shape.size, shape.size,
+    batch = torch.empty(effective(cfg).total_batch, shape.channels, shape.size, shape.size,
                         device="meta")
     try:
         model.train()(batch)

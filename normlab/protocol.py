@@ -1,8 +1,13 @@
-"""The paper's batch protocol, as plain arithmetic on a config mapping (no torch, no Hydra).
+"""The batch protocol, as plain arithmetic on a config mapping (no torch, no Hydra).
 
 N images per worker, W workers, a total batch of N·W per step and the linear scaling rule
-lr = base_lr · N·W / base_batch (0.1 at 32 × 8 in the paper). Training and analysis both read
-runs through these functions, so a run's identity means the same on both sides.
+lr = base_lr · N·W / base_batch (0.1 at 32 × 8 in the paper). Two protocols set W:
+
+- ``paper``: W fixed (``batch.workers``), so the total batch and the lr change with N, as in the paper;
+- ``fixed_total``: the total batch B fixed (``batch.total``) and W = B/N, so every N gets the same steps,
+  lr and data order and only the normalization batch changes (Hoffer et al. 2017's "ghost batch").
+
+Training and analysis both read runs through these functions, so a run's identity means the same on both sides.
 """
 
 from __future__ import annotations
@@ -13,19 +18,54 @@ from typing import Any
 DEFAULT_GROUPS = 32  # the paper's G
 
 
+PAPER, FIXED_TOTAL = "paper", "fixed_total"
+
+
+class ProtocolError(ValueError):
+    """batch.* keys that do not fit together; the message names them and what would be valid."""
+
+
 @dataclass(frozen=True)
 class Effective:
     """Values derived from the config, logged at start and recorded with the results."""
 
+    workers: int
     total_batch: int
     lr: float
+    protocol: str
+
+
+def divisors(total: int) -> list[int]:
+    return [n for n in range(1, total + 1) if total % n == 0]
+
+
+def resolve_workers(batch: Any) -> tuple[int, str]:
+    """(W, protocol) from the batch node: ``batch.workers``, or ``batch.total / batch.per_worker``."""
+    per_worker, workers, total = batch["per_worker"], batch.get("workers"), batch.get("total")
+    if total is None:
+        if workers is None:
+            raise ProtocolError("batch.workers=None is invalid: set batch.workers (W, the paper's protocol) or "
+                                "batch.total (B, a fixed total batch split among B/N workers)")
+        return workers, PAPER
+    if total < per_worker:
+        raise ProtocolError(f"batch.total={total} is invalid with batch.per_worker={per_worker}: the total batch "
+                            f"must be at least one worker's batch")
+    if total % per_worker:
+        raise ProtocolError(f"batch.total={total} is not divisible by batch.per_worker={per_worker}; for "
+                            f"batch.total={total} valid per-worker batches are {', '.join(map(str, divisors(total)))}")
+    if workers is not None and workers != total // per_worker:
+        raise ProtocolError(f"batch.workers={workers} disagrees with batch.total / batch.per_worker = {total}/"
+                            f"{per_worker} = {total // per_worker}; set batch.workers=null with batch.total "
+                            f"(W follows from B/N), or drop batch.total")
+    return total // per_worker, FIXED_TOTAL
 
 
 def effective(cfg: Any) -> Effective:
-    total = cfg["batch"]["per_worker"] * cfg["batch"]["workers"]
+    workers, protocol = resolve_workers(cfg["batch"])
+    total = cfg["batch"]["per_worker"] * workers
     optim = cfg["optim"]
     lr = optim["lr"] if optim.get("lr") is not None else optim["base_lr"] * total / optim["base_batch"]
-    return Effective(total_batch=total, lr=float(lr))
+    return Effective(workers=workers, total_batch=total, lr=float(lr), protocol=protocol)
 
 
 def identity(cfg: Any) -> dict[str, Any]:
@@ -43,7 +83,7 @@ def identity(cfg: Any) -> dict[str, Any]:
     return {
         "experiment": cfg["name"], "model": cfg["model"]["name"], "norm": norm["name"],
         "groups": groups, "group_size": group_size,
-        "per_worker_batch": cfg["batch"]["per_worker"], "workers": cfg["batch"]["workers"],
-        "total_batch": eff.total_batch, "lr": eff.lr, "data": cfg["data"]["name"], "seed": cfg["seed"],
+        "per_worker_batch": cfg["batch"]["per_worker"], "workers": eff.workers,
+        "total_batch": eff.total_batch, "protocol": eff.protocol, "lr": eff.lr, "data": cfg["data"]["name"], "seed": cfg["seed"],
         "epochs_planned": cfg["trainer"]["epochs"],
     }

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from normlab.config import ConfigError, host_synced_norm, validate
-from normlab.protocol import effective
+from normlab.protocol import effective, identity
 from normlab.models import MODELS
 from normlab.norms import NORMS
 from tests.conftest import REPO, TINY, compose_config, run_cli
@@ -67,6 +67,36 @@ def test_linear_scaling_rule(n, w, lr):
     assert effective(compose_config([f"batch.per_worker={n}", "optim.lr=0.3"])).lr == 0.3
 
 
+@pytest.mark.parametrize("n", [32, 16, 8, 4, 2])
+def test_fixed_total_batch_splits_it_among_total_over_n_workers_with_one_lr(n):
+    cfg = compose_config([f"batch.per_worker={n}", "batch.total=32", "batch.workers=null"])
+    eff = effective(cfg)
+    assert (eff.workers, eff.total_batch, eff.protocol) == (32 // n, 32, "fixed_total")
+    assert eff.lr == pytest.approx(0.1 * 32 / 256)  # the linear rule on the total batch: the same for every N
+    assert identity(cfg)["protocol"] == "fixed_total" and identity(cfg)["workers"] == 32 // n
+    assert effective(compose_config([f"batch.per_worker={n}"])).protocol == "paper"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batch.total=32", "batch.workers=null", "batch.per_worker=3"],
+     r"batch\.total=32 is not divisible by batch\.per_worker=3; for batch\.total=32 valid per-worker batches are "
+     r"1, 2, 4, 8, 16, 32"),
+    (["batch.total=16", "batch.workers=null", "batch.per_worker=32"],
+     r"batch\.total=16 is invalid with batch\.per_worker=32: the total batch must be at least one worker's batch"),
+    (["batch.total=32", "batch.per_worker=2"],  # batch.workers left at 8
+     r"batch\.workers=8 disagrees with batch\.total / batch\.per_worker = 32/2 = 16; set batch\.workers=null"),
+    (["batch.workers=null"], r"batch\.workers=None is invalid: set batch\.workers .* or batch\.total"),
+    (["batch.total=0", "batch.workers=null"], r"batch\.total=0 is invalid: must be >= 1"),
+])
+def test_bad_batch_protocols_are_refused_naming_the_keys(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides))
+
+
+def test_an_explicit_workers_equal_to_total_over_n_is_accepted():
+    assert effective(compose_config(["batch.total=32", "batch.per_worker=4", "batch.workers=8"])).workers == 8
+
+
 @pytest.mark.parametrize("override, error", [
     ("norm.gropus=4", ConfigCompositionException),
     ("trainer.epoch=3", ConfigCompositionException),
@@ -111,7 +141,7 @@ def test_norm_schema_takes_only_that_norms_options():
     (["optim.base_lr=0"], r"optim\.base_lr=0\.0 is invalid: must be > 0"),
     (["trainer.threads=0"], r"trainer\.threads=0 is invalid"),
     (["trainer.progress=yes"], r"trainer\.progress='yes' is invalid: valid: auto, true, false"),
-    (["data=synthetic", "data.num_train=100"], r"batch\.per_worker × batch\.workers = 32 × 8 = 256 is invalid: "
+    (["data=synthetic", "data.num_train=100"], r"batch\.per_worker × workers = 32 × 8 = 256 is invalid: "
                                                r"data=synthetic has 100 training images"),
     (["norm=brn", "trainer.compile=true"], r"trainer\.compile=True is invalid: torch\.compile does not match eager "
                                              r"for norm=brn"),

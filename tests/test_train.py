@@ -253,3 +253,26 @@ def test_a_sweep_names_the_jobs_it_will_skip_before_it_starts(tmp_path):
     assert "skip norm.groups=null norm.group_size=64: " in out and "does not divide num_channels=32" in out
     assert out.index("will be skipped") < out.index("Launching 4 jobs")
     assert len(list(tmp_path.glob("*/summary.json"))) == 2
+
+
+# ---------------------------------------------------------------- fixed total batch: the invariance
+
+FIXED_TOTAL = ("batch.total=8", "batch.workers=null", "trainer.epochs=2", "data.num_train=64")
+
+
+@pytest.mark.parametrize("norm", ["gn", "ln", "in"])
+def test_under_a_fixed_total_batch_a_batch_independent_norm_trains_identically_at_every_n(norm, tiny, tmp_path):
+    """Same steps, lr and data order for every N; only BN's statistics see N, so GN, LN and IN must not."""
+    runs = {n: train(tiny(f"norm={norm}", f"batch.per_worker={n}", *FIXED_TOTAL), tmp_path / f"N{n}") for n in (8, 2)}
+    assert runs[8]["protocol"] == runs[2]["protocol"] == "fixed_total"
+    assert (runs[8]["workers"], runs[2]["workers"]) == (1, 4) and runs[8]["lr"] == runs[2]["lr"]
+    metrics = {n: [{k: v for k, v in row.items() if k not in TIMING_KEYS}
+                   for row in read_metrics(tmp_path / f"N{n}" / "metrics.jsonl")] for n in runs}
+    assert metrics[8] == metrics[2]
+
+
+def test_under_a_fixed_total_batch_bn_sees_the_normalization_batch(tiny, tmp_path):
+    for n in (8, 2):
+        train(tiny("norm=bn", f"batch.per_worker={n}", *FIXED_TOTAL), tmp_path / f"N{n}")
+    losses = {n: [row["train_loss"] for row in read_metrics(tmp_path / f"N{n}" / "metrics.jsonl")] for n in (8, 2)}
+    assert losses[8] != losses[2]

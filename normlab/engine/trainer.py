@@ -103,7 +103,7 @@ def run_name(cfg: DictConfig) -> str:
         norm += f"-G{cfg.norm.groups}"
     if cfg.norm.get("group_size") is not None:
         norm += f"-C{cfg.norm.group_size}"
-    return f"{norm}-N{cfg.batch.per_worker}xW{cfg.batch.workers}-s{cfg.seed}"
+    return f"{norm}-N{cfg.batch.per_worker}xW{effective(cfg).workers}-s{cfg.seed}"
 
 
 def median_of_last(rows: list[dict], key: str, n: int = 5) -> float | None:
@@ -162,7 +162,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                              "memory_format": "channels_last" if channels_last else "contiguous"}
     try:
         loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
-        model = build_model(cfg.model.name, loaders.shape.num_classes, norm_options(cfg), workers=cfg.batch.workers,
+        model = build_model(cfg.model.name, loaders.shape.num_classes, norm_options(cfg), workers=eff.workers,
                             zero_init_last=cfg.model.zero_init_last, in_chans=loaders.shape.channels,
                             **model_options(cfg)).to(device)
         if channels_last:
@@ -183,9 +183,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         else:
             records.metrics.unlink(missing_ok=True)
 
-        log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · lr %.4g · %d steps/epoch · %s %s%s",
-                 cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, cfg.batch.workers,
-                 eff.total_batch, eff.lr, steps, device, precision,
+        log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s%s",
+                 cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, eff.workers,
+                 eff.total_batch, eff.protocol, eff.lr, steps, device, precision,
                  (" channels_last" if channels_last else "") + (" cuda-graph" if cuda_graph else ""))
 
         step = TrainStep(forward, optimizer, device=device, precision=precision,
