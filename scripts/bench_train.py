@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,8 @@ from normlab.data.device_loader import DeviceLoader, Normalize  # noqa: E402
 from normlab.engine.loop import train_epoch  # noqa: E402
 from normlab.engine.optim import Schedule, build_optimizer  # noqa: E402
 from normlab.engine.step import CudaGraphStep, TrainStep  # noqa: E402
-from normlab.engine.trainer import resolve_channels_last, resolve_precision  # noqa: E402
+from normlab.engine.memory_format import FORMATS, choose_memory_format  # noqa: E402
+from normlab.engine.trainer import resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
 from normlab.norms import PerWorkerBatchNorm2d  # noqa: E402
 
@@ -115,11 +119,11 @@ def sync(device: torch.device) -> None:
 
 
 class NormlabLoop:
-    def __init__(self, model_name, norm, per_worker, workers, images, labels, device, *, channels_last="auto",
+    def __init__(self, model_name, norm, per_worker, workers, images, labels, device, *, channels_last=False,
                  cuda_graph=False, compile=False):
         self.device = device
         self.precision = resolve_precision("auto", device)
-        self.channels_last = resolve_channels_last(channels_last, device, norm)
+        self.channels_last = channels_last
         self.cuda_graph, self.compile = cuda_graph, compile
         x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
         normalize = Normalize(torch.tensor(MEAN), torch.tensor(STD), device, self.channels_last)
@@ -190,6 +194,21 @@ class ReferenceLoop:
         return time.perf_counter() - start
 
 
+def probed_format(loop: Callable[..., NormlabLoop], batch: int, device: torch.device) -> bool:
+    """What training's probe (trainer.channels_last=auto) picks for this cell: channels_last or not."""
+    with tempfile.TemporaryDirectory() as cache:  # always a fresh probe, never an earlier session's cache
+        return choose_memory_format("auto", lambda fmt: loop(channels_last=fmt).step, device=device,
+                                    shape=(batch, 3, 32, 32), classes=10, key="bench", job_steps=10**9,
+                                    cache_dir=Path(cache)).channels_last
+
+
+PRESETS = {
+    "study": {"help": "the CPU-scale studies' jobs: resnet8 (width 16), total batch 32 at W=1 and W=16, bn and gn8, "
+                      "one thread (two such jobs share 2 cores)",
+              "cells": [(32, 1), (2, 16)], "args": {"models": ["resnet8"], "norms": ["bn", "gn"], "threads": 1}},
+}
+
+
 def memory_mark(device: torch.device) -> int | None:
     """CUDA memory held now, and a fresh peak: what a loop built after this adds is its own."""
     if device.type != "cuda":
@@ -221,7 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"],
-                        help="normlab's memory format (default: auto, what training picks for the device and norm)")
+                        help="normlab's memory format (default: auto: both are timed, and what training's probe "
+                             "picks is normlab's figure)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="; ".join(f"{name}: {p['help']}" for name, p in PRESETS.items()))
     parser.add_argument("--cuda-graph", default="auto", choices=["auto", "true", "false"],
                         help="normlab's step as a CUDA graph (default: auto, on CUDA)")
     parser.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
@@ -231,6 +253,9 @@ def main(argv=None) -> int:
                         help="time normlab alone (for layout and CUDA-graph ablations); ratio columns stay empty")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
+    if args.preset:
+        for key, value in PRESETS[args.preset]["args"].items():
+            setattr(args, key, value)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -246,35 +271,47 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__} · {name} · data: {source} ({len(labels)} images) · "
           f"reference DataLoader workers: {cores}\n")
     header = ["model", "norm", "per_worker", "workers", "total_batch", "device", "normlab_setting",
-              "normlab_img_s", "reference_img_s", "ratio", "normlab_peak_mb", "reference_peak_mb"]
+              "normlab_img_s", "reference_img_s", "ratio", "other_format_img_s", "auto_vs_best_format",
+              "normlab_peak_mb", "reference_peak_mb"]
     rows = []
-    print(f"{'model':10s} {'norm':5s} {'N':>3s} {'W':>3s} {'N·W':>4s}  {'normlab':>9s} {'reference':>9s} "
-          f"{'ratio':>6s}  {'setting':22s} {'peak MB (nl/ref)':>16s}")
-    for model, norm, n, w in itertools.product(args.models, args.norms, args.per_worker, args.workers):
+    print("normlab: the memory format trainer.channels_last picks (auto: a probe of both); other: the other format; "
+          "auto/best: normlab's img/s over the faster format's\n")
+    print(f"{'model':10s} {'norm':5s} {'N':>3s} {'W':>3s} {'N·W':>4s}  {'normlab':>9s} {'other':>7s} {'a/best':>6s} "
+          f"{'reference':>9s} {'ratio':>6s}  {'setting':22s} {'peak MB (nl/ref)':>16s}")
+    cells = PRESETS[args.preset]["cells"] if args.preset else list(itertools.product(args.per_worker, args.workers))
+    for model, norm, (n, w) in itertools.product(args.models, args.norms, cells):
         batch = n * w
+        loop = functools.partial(NormlabLoop, model, norm, n, w, images, labels, device, cuda_graph=cuda_graph,
+                                 compile=args.compile)
+        formats = [args.channels_last == "true"] if args.channels_last != "auto" else list(FORMATS)
         mark = memory_mark(device)
-        ours = NormlabLoop(model, norm, n, w, images, labels, device, channels_last=args.channels_last,
-                           cuda_graph=cuda_graph, compile=args.compile)
-        t_ours = measure(ours, args.steps, args.warmup)
+        ours = {fmt: loop(channels_last=fmt) for fmt in formats}
+        t_ours = {fmt: measure(candidate, args.steps, args.warmup) for fmt, candidate in ours.items()}
         m_ours = peak_since(mark, device)
         ref, t_ref, m_ref = None, None, None
         if not args.skip_reference:
-            mark = memory_mark(device)  # normlab's loop stays resident, and idle, while the reference runs
+            mark = memory_mark(device)  # normlab's loops stay resident, and idle, while the reference runs
             ref = ReferenceLoop(model, norm, batch, images, labels, device, cores)
             t_ref = measure(ref, args.steps, args.warmup)
             m_ref = peak_since(mark, device)
         for _ in range(args.rounds - 1):  # alternate, keep the best of each
-            t_ours = min(t_ours, ours.run(args.steps))
+            t_ours = {fmt: min(t, ours[fmt].run(args.steps)) for fmt, t in t_ours.items()}
             t_ref = t_ref if ref is None else min(t_ref, ref.run(args.steps))
-        ours_ips = args.steps * batch / t_ours
+        picked = probed_format(loop, batch, device) if args.channels_last == "auto" else formats[0]
+        ips = {fmt: args.steps * batch / t for fmt, t in t_ours.items()}
+        ours_ips = ips[picked]
         ref_ips = None if ref is None else args.steps * batch / t_ref
         ratio = None if ref is None else ours_ips / ref_ips
+        vs_best = ours_ips / max(ips.values())
         memory = "–" if m_ours is None else f"{m_ours:.0f}/{'–' if m_ref is None else f'{m_ref:.0f}'}"
-        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} "
+        other = "–" if len(ips) == 1 else f"{ips[not picked]:.0f}"
+        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} {other:>7s} {vs_best:6.2f} "
               f"{'–' if ref is None else f'{ref_ips:.0f}':>9s} {'–' if ratio is None else f'{ratio:5.2f}x':>6s}  "
-              f"{ours.setting:22s} {memory:>16s}")
-        rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours.setting, round(ours_ips, 1),
-                                      ref_ips and round(ref_ips, 1), ratio and round(ratio, 3), m_ours, m_ref])))
+              f"{ours[picked].setting:22s} {memory:>16s}")
+        rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours[picked].setting, round(ours_ips, 1),
+                                      ref_ips and round(ref_ips, 1), ratio and round(ratio, 3),
+                                      None if len(ips) == 1 else round(ips[not picked], 1), round(vs_best, 3),
+                                      m_ours, m_ref])))
         if ref is not None:
             del ref.iterator, ref.loader  # stops its DataLoader workers
         del ours, ref  # this cell's data, model and graph pool go before the next cell's memory mark

@@ -11,6 +11,7 @@ take each step's time (self time, so a convolution's share is its own arithmetic
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_train import NormlabLoop, load_images, sync  # noqa: E402
+from bench_train import NormlabLoop, load_images, probed_format, sync  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     images, labels, _ = load_images(2048)
-    loop = NormlabLoop(args.model, args.norm, args.per_worker, args.workers, images, labels, device,
-                       channels_last=args.channels_last, cuda_graph=args.cuda_graph == "true")
+    make = functools.partial(NormlabLoop, args.model, args.norm, args.per_worker, args.workers, images, labels, device,
+                             cuda_graph=args.cuda_graph == "true")
+    channels_last = (probed_format(make, args.per_worker * args.workers, device) if args.channels_last == "auto"
+                     else args.channels_last == "true")
+    loop = make(channels_last=channels_last)
     loop.run(6)  # warm-up (and the capture, with a graph)
     sync(device)
     start = time.perf_counter()

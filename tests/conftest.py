@@ -27,6 +27,12 @@ def compose_config(overrides: list[str] | None = None):
         return compose("train", overrides=overrides or [])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache(tmp_path_factory):
+    """normlab's cache (memory-format probes) in a folder of the test session's own, never the user's."""
+    os.environ["NORMLAB_CACHE"] = str(tmp_path_factory.mktemp("normlab_cache"))
+
+
 @pytest.fixture
 def tiny():
     return lambda *extra: compose_config(TINY + list(extra))

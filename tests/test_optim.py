@@ -104,7 +104,7 @@ def test_a_cuda_graph_step_refuses_a_float_lr_before_touching_cuda():
 
 
 def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
-    from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
     from normlab.engine.optim import build_schedule
 
     cfg = compose_config([])
@@ -117,13 +117,13 @@ def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
                     wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1, capturable=True)
     lr = fresh.param_groups[0]["lr"]
-    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01)
 
 
 def test_resuming_keeps_how_this_run_steps(tmp_path):
     """A checkpoint written by an unfused optimizer (another version, another device) resumes fused."""
-    from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+    from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
     from normlab.engine.optim import build_schedule
 
     cfg = compose_config([])
@@ -132,5 +132,5 @@ def test_resuming_keeps_how_this_run_steps(tmp_path):
     save_checkpoint(tmp_path / "c.pt", model=model, optimizer=old, schedule=build_schedule(old, cfg.schedule, 10, 10),
                     epoch=1, metrics=[], wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1)
-    load_checkpoint(tmp_path / "c.pt", model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["fused"] is True and fresh.param_groups[0]["foreach"] is None

@@ -143,7 +143,7 @@ def test_claim_check_on_the_papers_own_numbers_holds(tmp_path):
         fake_run(tmp_path, f"{norm}{n}", norm, n, 0, error)
     results = findings(collect([tmp_path]))
     assert [f.holds for f in results] == [True, True, True, True]
-    assert results[0].ours == "+11.1 points" and results[1].ours == "0.2 points"
+    assert results[0].ours == "+11.1 points" and results[1].ours == "spread 0.2 points"
     assert results[3].ours.startswith("BN < GN < LN < IN")
 
 
@@ -187,3 +187,67 @@ def test_the_published_cifar10_study_regenerates_from_its_runs_csv(tmp_path):
     published = (tmp_path / "table_batch_size.md").read_text()
     for (norm, n), mean in means.items():
         assert f"{mean:.1f}" in published, (norm, n, mean)
+
+
+# ---------------------------------------------------------------- protocols and noise
+
+def fixed_total_run(root: Path, norm: str, n: int, seed: int, error: float, **extra) -> Path:
+    return fake_run(root, f"ft-{norm}{n}-s{seed}", norm, n, seed, error, protocol="fixed_total", workers=32 // n,
+                    total_batch=32, lr=0.1, batch_dependent=norm == "bn", **extra)
+
+
+def test_runs_of_both_protocols_make_two_figures_and_tables_never_one_blended_line(tmp_path):
+    for seed in (0, 1):
+        for n, error in ((32, 20.0), (2, 30.0)):
+            fake_run(tmp_path, f"paper-bn{n}-s{seed}", "bn", n, seed, error + seed)
+            fixed_total_run(tmp_path, "bn", n, seed, error + 5 + seed)
+    assert report_main([str(tmp_path)]) == 0
+    out = tmp_path / "report"
+    for protocol in ("paper", "fixed_total"):
+        assert (out / f"fig_batch_size_{protocol}.png").is_file() and (out / f"table_batch_size_{protocol}.md").is_file()
+    assert not (out / "fig_batch_size.png").exists()
+    assert "| BN | 20.5 ± 0.7 | 30.5 ± 0.7 | 2 |" in (out / "table_batch_size_paper.md").read_text()
+    assert "| BN | 25.5 ± 0.7 | 35.5 ± 0.7 | 2 |" in (out / "table_batch_size_fixed_total.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Does the claim hold? (paper protocol" in report and "## Does the claim hold? (fixed total batch" in report
+    assert "W fixed" in (out / "table_batch_size_paper.tex").read_text()
+
+
+def test_a_margin_below_the_noise_reads_within_noise(tmp_path):
+    """GN ahead of BN at N=2 by 0.3 points on 360 test images (binomial error ~0.7 points): undecided."""
+    for norm, n, error in (("bn", 32, 2.0), ("bn", 2, 2.6), ("gn", 32, 2.2), ("gn", 2, 2.3)):
+        fake_run(tmp_path, f"{norm}{n}", norm, n, 0, error, test_size=360)
+    results = {f.what: f for f in findings(collect([tmp_path]))}
+    crossing = results["GN beats BN at N=2"]
+    assert crossing.margin == pytest.approx(0.3)
+    assert crossing.uncertainty == pytest.approx(100 * (0.026 * 0.974 / 360) ** 0.5)  # the larger binomial SE
+    assert crossing.verdict == "within noise" and crossing.holds is None
+    report_main([str(tmp_path)])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| GN beats BN at N=2 | BN − GN = +0.3 points | +0.3 ± 0.8 |" in report
+    assert "One seed per cell" in report
+
+
+def test_verdicts_weigh_the_margin_against_the_seed_spread(tmp_path):
+    for seed, (bn2, gn2) in enumerate([(30.0, 25.0), (34.0, 27.0), (32.0, 26.0)]):
+        for norm, n, error in (("bn", 32, 20.0 + seed), ("bn", 2, bn2), ("gn", 32, 24.0 + seed), ("gn", 2, gn2)):
+            fake_run(tmp_path, f"{norm}{n}-s{seed}", norm, n, seed, error)
+    crossing = {f.what: f for f in findings(collect([tmp_path]))}["GN beats BN at N=2"]
+    assert crossing.margin == pytest.approx(32.0 - 26.0) and crossing.uncertainty == pytest.approx(2.0)
+    assert crossing.verdict == "holds"
+
+
+def test_under_a_fixed_total_batch_the_claim_check_tests_the_invariance(tmp_path):
+    for seed in (0, 1, 2):
+        for n, bn in ((32, 20.0), (8, 22.0), (2, 31.0)):
+            fixed_total_run(tmp_path, "bn", n, seed, bn + seed)
+        for n in (32, 2):
+            fixed_total_run(tmp_path, "gn", n, seed, 25.0 + seed)
+            fixed_total_run(tmp_path, "ln", n, seed, 27.0 + seed + (0.5 if (n, seed) == (2, 1) else 0.0))
+    results = {f.what: f for f in findings(collect([tmp_path]))}
+    assert not any(what.startswith("GN is flat") for what in results)  # flatness is no finding under fixed B
+    assert results["GN identical at N ∈ {32, 2} (invariance: it never sees N)"].verdict == "holds"
+    ln = results["LN identical at N ∈ {32, 2} (invariance: it never sees N)"]
+    assert ln.verdict == "does not hold" and "0.50 points" in ln.ours
+    assert results["BN's error rises from N=32 to N=2"].verdict == "holds"
+    assert results["GN beats BN at N=2"].margin == pytest.approx(6.0)

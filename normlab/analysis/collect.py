@@ -14,11 +14,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from normlab.protocol import identity
+from normlab.protocol import PAPER, identity
 from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics
 
 IDENTITY = ["experiment", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
-            "total_batch", "lr", "seed"]
+            "total_batch", "protocol", "lr", "seed"]
 RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s"]
 RUNS_CSV = "runs.csv"
 
@@ -68,6 +68,9 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     for column in ("groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
                    "epochs_planned"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+    # runs recorded before batch.total existed all followed the paper's protocol
+    frame["protocol"] = frame["protocol"].astype("string").mask(frame["per_worker_batch"].notna()
+                                                                & frame["protocol"].isna(), PAPER)
     rest = [c for c in frame.columns if c not in IDENTITY + RESULTS + ["run_dir"]]
     return frame[IDENTITY + RESULTS + ["run_dir"] * ("run_dir" in frame) + rest]
 

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from normlab.analysis.metrics_info import METRICS, norm_color, norm_label, norm_sort_key  # noqa: E402
+from normlab.analysis.metrics_info import METRICS, norm_color, norm_label, norm_sort_key, protocol_label  # noqa: E402
+from normlab.analysis.reference import paper_table  # noqa: E402
 from normlab.analysis.tables import DEFAULT_METRIC, main_setting, stats  # noqa: E402
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
@@ -49,23 +50,36 @@ def _band(ax, x, s, color, label) -> None:
         ax.fill_between(x, s["mean"] - s["std"], s["mean"] + s["std"], color=color, alpha=0.15, linewidth=0)
 
 
-def fig_batch_size(runs: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC) -> list[Path]:
-    """Error vs images per worker, one line per norm, x from the largest batch down to the smallest."""
+def _batch_size_lines(ax, s: pd.DataFrame, counts: bool = True) -> None:
+    for norm in sorted(s["norm"].unique(), key=norm_sort_key):
+        line = s[s["norm"] == norm].sort_values("per_worker_batch", ascending=False)
+        n = int(line["n"].min()) if line["n"].min() == line["n"].max() else f"{line['n'].min()}–{line['n'].max()}"
+        _band(ax, line["per_worker_batch"], line, norm_color(norm), f"{norm_label(norm)} (n={n})" if counts
+              else norm_label(norm))
+    _log2_axis(ax, s["per_worker_batch"])
+    ax.set_xlabel(METRICS["per_worker_batch"].label + ", batch statistics per worker")
+    ax.legend(frameon=False)
+
+
+def fig_batch_size(runs: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, protocol: str | None = None,
+                   name: str = "fig_batch_size") -> list[Path]:
+    """Error vs images per worker, one line per norm, x from the largest batch down to the smallest; beside it,
+    the paper's Figure 1 (ImageNet, ResNet-50) on the same axis, so that the shapes compare at a glance."""
     s = stats(main_setting(runs), ["norm", "per_worker_batch"], metric)
     if s.empty:
         return []
+    paper = paper_table("table2").rename(columns={"val_error_top1": "mean"}).assign(std=0.0, n=1)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for norm in sorted(s["norm"].unique(), key=norm_sort_key):
-            line = s[s["norm"] == norm].sort_values("per_worker_batch", ascending=False)
-            n = int(line["n"].min()) if line["n"].min() == line["n"].max() else f"{line['n'].min()}–{line['n'].max()}"
-            _band(ax, line["per_worker_batch"], line, norm_color(norm), f"{norm_label(norm)} (n={n})")
-        _log2_axis(ax, s["per_worker_batch"])
-        ax.set_xlabel(METRICS["per_worker_batch"].label + ", batch statistics per worker")
-        ax.set_ylabel(METRICS[metric].label)
-        ax.set_title("Error vs batch size (mean ± 1 std over seeds)")
-        ax.legend(frameon=False)
-        return save(fig, out / "fig_batch_size", ("png", "pdf"))
+        fig, (ours, theirs) = plt.subplots(1, 2, figsize=(11, 4.2))
+        _batch_size_lines(ours, s)
+        ours.set_ylabel(METRICS[metric].label)
+        title = "Ours: mean ± 1 std over seeds"
+        ours.set_title(f"{title}\n({protocol_label(protocol)})" if protocol else title, fontsize=11)
+        _batch_size_lines(theirs, paper, counts=False)
+        theirs.set_ylabel("top-1 val error (%)")
+        theirs.set_title("Wu & He 2018, Figure 1: ImageNet, ResNet-50, 8 workers", fontsize=11)
+        fig.tight_layout()
+        return save(fig, out / name, ("png", "pdf"))
 
 
 def fig_groups(tables: dict[str, pd.DataFrame], out: Path, metric: str = DEFAULT_METRIC) -> list[Path]:
@@ -85,7 +99,7 @@ def fig_groups(tables: dict[str, pd.DataFrame], out: Path, metric: str = DEFAULT
         return save(fig, out / "fig_groups")
 
 
-def fig_curves(curves: pd.DataFrame, norm: str, out: Path) -> list[Path]:
+def fig_curves(curves: pd.DataFrame, norm: str, out: Path, name: str | None = None) -> list[Path]:
     """Train (dashed) and val (solid) error vs epoch, one color per batch size, mean over seeds."""
     curves = curves[(curves["norm"] == norm) & curves["per_worker_batch"].notna()]
     if curves.empty:
@@ -104,4 +118,4 @@ def fig_curves(curves: pd.DataFrame, norm: str, out: Path) -> list[Path]:
         ax.set_ylabel("error (%)")
         ax.set_title(f"{norm_label(norm)}: train (dashed) and val (solid) error")
         ax.legend(frameon=False, title="images per worker", ncols=2)
-        return save(fig, out / f"fig_curves_{norm}")
+        return save(fig, out / (name or f"fig_curves_{norm}"))

@@ -50,3 +50,11 @@ def norm_color(norm: str) -> str:
 
 def norm_sort_key(norm: str) -> int:
     return NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER)
+
+
+PROTOCOL_LABELS = {"paper": "paper protocol: W fixed, total batch and lr scale with N",
+                   "fixed_total": "fixed total batch: W = B/N, the same steps and lr for every N"}
+
+
+def protocol_label(protocol: str) -> str:
+    return PROTOCOL_LABELS.get(protocol, protocol)

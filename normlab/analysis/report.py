@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from normlab.analysis import figures, tables
-from normlab.analysis.claims import findings, findings_markdown
+from normlab.analysis.claims import Cells, findings, findings_markdown
 from normlab.analysis.collect import collect_curves, write_runs
-from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
+from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label
 from normlab.analysis.reference import paper_table
 
 
@@ -51,13 +51,33 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {"runs": write_runs(runs, out)}
 
-    t2 = tables.batch_size_table(runs, metric)
-    t2_md = tables.to_markdown(t2, "norm \\ N")
-    (out / "table_batch_size.md").write_text(t2_md)
-    (out / "table_batch_size.tex").write_text(tables.to_latex(t2, "norm", f"{METRICS[metric].label} vs images "
-                                                                            "per worker"))
-    written["tables"] = [out / "table_batch_size.md", out / "table_batch_size.tex"]
-    written["figures"] = figures.fig_batch_size(runs, out, metric)
+    sections, curve_sections, written["tables"], written["figures"] = [], [], [], []
+    found = tables.protocols(runs) or ["paper"]
+    for protocol in found:
+        suffix = "" if len(found) == 1 else f"_{protocol}"  # one protocol: the plain names, as published
+        subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
+        t2 = tables.batch_size_table(subset, metric)
+        t2_md = tables.to_markdown(t2, "norm \\ N")
+        (out / f"table_batch_size{suffix}.md").write_text(t2_md)
+        (out / f"table_batch_size{suffix}.tex").write_text(tables.to_latex(
+            t2, "norm", f"{METRICS[metric].label} vs images per worker ({protocol_label(protocol)})"))
+        written["tables"] += [out / f"table_batch_size{suffix}.md", out / f"table_batch_size{suffix}.tex"]
+        written["figures"] += figures.fig_batch_size(subset, out, metric, protocol, f"fig_batch_size{suffix}")
+        heading = f" ({protocol_label(protocol)})"
+        claim_md = findings_markdown(findings(subset, metric, protocol), Cells(subset, metric).seeds())
+        sections += [
+            (f"Does the claim hold?{heading}", claim_md),
+            (f"Figure 1: error vs batch size{heading}", f"![fig_batch_size{suffix}](fig_batch_size{suffix}.png)\n"),
+            (f"Table 2: error per batch size, ours{heading}",
+             f"{METRICS[metric].label}, mean ± std over seeds.\n\n{t2_md}"),
+        ]
+        curves = collect_curves(tables.main_setting(subset))  # one curve per batch size: no ablation blended in
+        curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
+        for norm in curve_norms:
+            written["figures"] += figures.fig_curves(curves, norm, out, f"fig_curves_{norm}{suffix}")
+        curve_sections += [(f"Training curves{heading}", "\n".join(
+            f"![fig_curves_{n}{suffix}](fig_curves_{n}{suffix}.png)" for n in curve_norms) + "\n")] * bool(curve_norms)
+    sections.append(("The paper's numbers (ImageNet, ResNet-50, top-1 val error %)", paper_markdown()))
 
     groups = tables.groups_tables(runs, metric)
     groups_md = ""
@@ -67,23 +87,9 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
         written["tables"].append(out / "table_groups.md")
         written["figures"] += figures.fig_groups(groups, out, metric)
 
-    curves = collect_curves(tables.main_setting(runs))  # one curve per batch size: no group ablation blended in
-    curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
-    for norm in curve_norms:
-        written["figures"] += figures.fig_curves(curves, norm, out)
-
-    claim_md = findings_markdown(findings(runs, metric))
-    sections = [
-        ("Does the claim hold?", claim_md),
-        ("Figure 1: error vs batch size", "![fig_batch_size](fig_batch_size.png)\n"),
-        ("Table 2: error per batch size (ours)", f"{METRICS[metric].label}, mean ± std over seeds.\n\n{t2_md}"),
-        ("The paper's numbers (ImageNet, ResNet-50, top-1 val error %)", paper_markdown()),
-    ]
     if groups:
         sections += [("Table 3: group ablation", groups_md + "\n![fig_groups](fig_groups.png)\n")]
-    if curve_norms:
-        sections += [("Training curves", "\n".join(f"![fig_curves_{n}](fig_curves_{n}.png)" for n in curve_norms)
-                      + "\n")]
+    sections += curve_sections
     sections += [("Runs", status_markdown(runs))]
     source = f"Runs from: {', '.join(sources)}\n\n" if sources else ""
     markdown = "# normlab report\n\n" + source + "\n".join(f"## {title}\n\n{body}" for title, body in sections)

@@ -10,13 +10,23 @@ from collections.abc import Callable
 import pandas as pd
 
 from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
-from normlab.protocol import DEFAULT_GROUPS
+from normlab.protocol import DEFAULT_GROUPS, PAPER
 
 DEFAULT_METRIC = "val_error_median5"
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs["status"] == "done") & runs["per_worker_batch"].notna()]
+
+
+def protocols(runs: pd.DataFrame) -> list[str]:
+    """The batch protocols of the finished runs, the paper's first: each gets its own figure, table and claim check."""
+    found = set(finished(runs)["protocol"].dropna())
+    return sorted(found, key=lambda p: (p != PAPER, p))
+
+
+def of_protocol(runs: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    return runs[runs["protocol"] == protocol]
 
 
 def main_setting(runs: pd.DataFrame) -> pd.DataFrame:

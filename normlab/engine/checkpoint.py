@@ -24,17 +24,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule, epoch: int,
-                    metrics: list[dict], wall_time_s: float) -> None:
+                    metrics: list[dict], wall_time_s: float, memory_format: str = "contiguous") -> None:
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "epoch": epoch, "metrics": metrics, "wall_time_s": wall_time_s, "rng": rng_state(),
+        "memory_format": memory_format,
     }
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule) -> dict[str, Any]:
-    """Restore model, optimizer, schedule and RNG; return the rest (epoch, metrics, wall_time_s)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The saved state, read with ``weights_only=True``: tensors and plain containers only, no code runs."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_checkpoint(state: dict[str, Any], *, model, optimizer, schedule) -> dict[str, Any]:
+    """Restore model, optimizer, schedule and RNG from `state`; return the rest (epoch, metrics, wall_time_s)."""
     model.load_state_dict(state["model"])
     built = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])

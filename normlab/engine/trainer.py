@@ -24,8 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 import normlab
 from normlab import data as datasets
 from normlab.config import host_synced_norm, model_options, norm_options, validate
-from normlab.engine.checkpoint import load_checkpoint, save_checkpoint
+from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from normlab.engine.loop import evaluate, train_epoch
+from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
 from normlab.engine.step import CudaGraphStep, TrainStep
 from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.engine.rerun import job_changes, refuse_another_job
@@ -59,13 +60,32 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def resolve_channels_last(setting: Any, device: torch.device, norm: str = "bn") -> bool:
-    """auto: channels_last for the batch-statistics norms only, on the CPU and on CUDA alike. BN's kernels
-    gain from it; GroupNorm's (and so LN's and IN's) run NCHW and lose to the layout conversions
-    (measured: README "Performance", H100 resnet18 N=32×8: BN 26.5k vs 22.3k img/s, GN 18.0k vs 21.2k)."""
-    if str(setting).lower() == "auto":
-        return norm_spec(norm).batch_dependent
-    return str(setting).lower() == "true"
+def build_run_model(cfg: DictConfig, shape, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The job's model on its device, in its memory format."""
+    model = build_model(cfg.model.name, shape.num_classes, norm_options(cfg), workers=effective(cfg).workers,
+                        zero_init_last=cfg.model.zero_init_last, in_chans=shape.channels,
+                        **model_options(cfg)).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def resolve_memory_format(cfg: DictConfig, shape, device: torch.device, precision: str,
+                          state: dict | None) -> FormatChoice:
+    """A resumed run keeps the format it started in; otherwise trainer.channels_last, probed when auto."""
+    if state is not None and state.get("memory_format") in FORMATS.values():
+        return FormatChoice(state["memory_format"] == FORMATS[True], "resumed in the format the run started in")
+    eff = effective(cfg)
+
+    def make_step(channels_last: bool) -> TrainStep:
+        model = build_run_model(cfg, shape, device, channels_last)
+        return TrainStep(model, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
+
+    job_steps = shape.train_size // eff.total_batch * cfg.trainer.epochs if shape.train_size else None
+    key = cache_key(device, model=cfg.model.name, model_options=model_options(cfg), norm=norm_options(cfg),
+                    per_worker=cfg.batch.per_worker, workers=eff.workers, precision=precision,
+                    image=(shape.channels, shape.size))
+    return choose_memory_format(cfg.trainer.channels_last, make_step, classes=shape.num_classes, device=device,
+                                shape=(eff.total_batch, shape.channels, shape.size, shape.size), key=key,
+                                job_steps=job_steps)
 
 
 def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_synced: bool = False) -> bool:
@@ -149,7 +169,6 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         torch.set_num_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     precision = resolve_precision(cfg.trainer.precision, device)
-    channels_last = resolve_channels_last(cfg.trainer.channels_last, device, cfg.norm.name)
     cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     eff = effective(cfg)
@@ -158,15 +177,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
     status, rows, wall_time = "failed", [], 0.0
     extra: dict[str, Any] = {"device": device.type, "precision": precision, "compiled": bool(cfg.trainer.compile),
-                             "cuda_graph": cuda_graph,
-                             "memory_format": "channels_last" if channels_last else "contiguous"}
+                             "cuda_graph": cuda_graph, "batch_dependent": norm_spec(cfg.norm.name).batch_dependent}
     try:
+        state = read_checkpoint(records.checkpoint) if records.checkpoint.exists() else None
+        layout = resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state)
+        channels_last = layout.channels_last
+        extra.update(memory_format=layout.name, memory_format_reason=layout.reason)
         loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
-        model = build_model(cfg.model.name, loaders.shape.num_classes, norm_options(cfg), workers=eff.workers,
-                            zero_init_last=cfg.model.zero_init_last, in_chans=loaders.shape.channels,
-                            **model_options(cfg)).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = build_run_model(cfg, loaders.shape, device, channels_last)
         forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
         steps = len(loaders.train)  # >= 1: validate checked the batch against the training set
         optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=cuda_graph)
@@ -175,9 +193,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                      steps_per_epoch=steps, num_classes=loaders.shape.num_classes)
 
         start_epoch = 0
-        if records.checkpoint.exists():
-            state = load_checkpoint(records.checkpoint, model=model, optimizer=optimizer, schedule=schedule)
-            start_epoch, rows, wall_time = state["epoch"], state["metrics"], state["wall_time_s"]
+        if state is not None:
+            resumed = restore_checkpoint(state, model=model, optimizer=optimizer, schedule=schedule)
+            start_epoch, rows, wall_time = resumed["epoch"], resumed["metrics"], resumed["wall_time_s"]
             write_metrics(records.metrics, rows)  # drop any epoch logged after the checkpoint
             log.info("resuming %s after epoch %d", records.path, start_epoch)
         else:
@@ -186,7 +204,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
         log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s%s",
                  cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, eff.workers,
                  eff.total_batch, eff.protocol, eff.lr, steps, device, precision,
-                 (" channels_last" if channels_last else "") + (" cuda-graph" if cuda_graph else ""))
+                 f" {layout.name} ({layout.reason})" + (" cuda-graph" if cuda_graph else ""))
 
         step = TrainStep(forward, optimizer, device=device, precision=precision,
                          label_smoothing=cfg.optim.label_smoothing, autocast_cache=not cuda_graph)
@@ -223,7 +241,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
                 break
             if cfg.trainer.checkpoint:
                 save_checkpoint(records.checkpoint, model=model, optimizer=optimizer, schedule=schedule,
-                                epoch=epoch, metrics=rows, wall_time_s=wall_time)
+                                epoch=epoch, metrics=rows, wall_time_s=wall_time, memory_format=layout.name)
     except BaseException as e:
         status = "failed"
         extra["error"] = f"{type(e).__name__}: {e}"

@@ -1,0 +1,121 @@
+"""``trainer.channels_last=auto``: the memory format chosen by timing both, not by a rule per norm.
+
+Which format makes a whole training step faster depends on the convolutions (fast in channels_last on
+modern CPUs and GPUs) and on the norms (torch's BN, GN and per-worker BN each prefer one or the other,
+differently by precision, W and N), so it flips with the model, norm, batch, precision and device. At job
+start, a short probe trains throw-away copies of the model on random data for a few steps in each format,
+alternating, and keeps the faster one. The result is cached per (device, torch, threads, model, norm, N, W,
+precision) in normlab's cache folder, so a sweep probes each setting once. A job shorter than
+PROBE_STEPS / MAX_PROBE_SHARE steps is not probed: it uses the cached choice if there is one, else NCHW.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import normlab
+from normlab.records import write_json
+
+WARMUP_STEPS, TIMED_STEPS, ROUNDS = 2, 3, 2
+PROBE_STEPS = 2 * ROUNDS * (WARMUP_STEPS + TIMED_STEPS)  # training steps the probe costs
+MAX_PROBE_SHARE = 0.02  # of the job's training steps
+CACHE_FILE = "memory_format.json"
+FORMATS = {False: "contiguous", True: "channels_last"}
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    channels_last: bool
+    reason: str  # why: set by the user, probed (with the times), cached, or too short to probe
+
+    @property
+    def name(self) -> str:
+        return FORMATS[self.channels_last]
+
+
+StepFactory = Callable[[bool], Callable[[torch.Tensor, torch.Tensor], Any]]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.path.expanduser(os.environ.get("NORMLAB_CACHE", "~/.cache/normlab")))
+
+
+def cache_key(device: torch.device, **setting: Any) -> str:
+    """One string per setting that can change which format is faster."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    parts = {"device": name, "torch": torch.__version__, "normlab": normlab.__version__, **setting}
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def read_cache(folder: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads((folder / CACHE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def time_formats(make_step: StepFactory, shape: tuple[int, int, int, int], classes: int,
+                 device: torch.device) -> dict[bool, float]:
+    """Median seconds per training step in each format: fresh model copies, random data, rounds alternating."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    images = torch.randn(shape, generator=generator, device=device)
+    labels = torch.randint(0, classes, (shape[0],), generator=generator, device=device)
+    steps = {fmt: make_step(fmt) for fmt in FORMATS}
+    inputs = {fmt: images.contiguous(memory_format=torch.channels_last if fmt else torch.contiguous_format)
+              for fmt in FORMATS}
+    times: dict[bool, list[float]] = {fmt: [] for fmt in FORMATS}
+    for round_ in range(ROUNDS):
+        for fmt in (FORMATS if round_ % 2 == 0 else reversed(list(FORMATS))):
+            for i in range(WARMUP_STEPS + TIMED_STEPS):
+                _sync(device)
+                start = time.perf_counter()
+                steps[fmt](inputs[fmt], labels)
+                _sync(device)
+                if i >= WARMUP_STEPS:
+                    times[fmt].append(time.perf_counter() - start)
+    return {fmt: statistics.median(t) for fmt, t in times.items()}
+
+
+def choose_memory_format(setting: Any, make_step: StepFactory, *, shape: tuple[int, int, int, int], classes: int,
+                         device: torch.device, key: str, job_steps: int | None,
+                         cache_dir: Path | None = None) -> FormatChoice:
+    """The format for `setting` (auto | true | false); `make_step(channels_last)` builds a throw-away step."""
+    setting = str(setting).lower()
+    if setting != "auto":
+        return FormatChoice(setting == "true", f"trainer.channels_last={setting}")
+    folder = cache_dir or default_cache_dir()
+    cached = read_cache(folder).get(key)
+    if isinstance(cached, dict) and cached.get("format") in FORMATS.values():
+        return FormatChoice(cached["format"] == FORMATS[True], f"auto, cached probe: {cached.get('times', '')}")
+    if job_steps is None or PROBE_STEPS > MAX_PROBE_SHARE * job_steps:
+        return FormatChoice(False, f"auto, job too short to probe ({job_steps} steps): contiguous")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seconds = time_formats(make_step, shape, classes, device)
+    faster = min(seconds, key=seconds.get)
+    times = ", ".join(f"{FORMATS[fmt]} {1e3 * s:.1f} ms" for fmt, s in seconds.items())
+    _remember(folder, key, {"format": FORMATS[faster], "times": f"{times} per step"})
+    return FormatChoice(faster, f"auto, probed: {times} per step")
+
+
+def _remember(folder: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one entry to the cache; a write that fails (read-only home, a race) only costs a later probe."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / CACHE_FILE, {**read_cache(folder), key: entry})
+    except OSError:
+        pass
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
