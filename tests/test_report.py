@@ -192,7 +192,7 @@ def test_the_published_cifar10_study_regenerates_from_its_runs_csv(tmp_path):
 # ---------------------------------------------------------------- protocols and noise
 
 def fixed_total_run(root: Path, norm: str, n: int, seed: int, error: float, **extra) -> Path:
-    return fake_run(root, f"ft-{norm}{n}-s{seed}", norm, n, seed, error, protocol="fixed_total", workers=32 // n,
+    return fake_run(root, f"ft-{norm}{n}-s{seed}-e{extra.get('epochs_planned', 3)}", norm, n, seed, error, protocol="fixed_total", workers=32 // n,
                     total_batch=32, lr=0.1, batch_dependent=norm == "bn", **extra)
 
 
@@ -251,3 +251,22 @@ def test_under_a_fixed_total_batch_the_claim_check_tests_the_invariance(tmp_path
     assert ln.verdict == "does not hold" and "0.50 points" in ln.ours
     assert results["BN's error rises from N=32 to N=2"].verdict == "holds"
     assert results["GN beats BN at N=2"].margin == pytest.approx(6.0)
+
+
+def test_runs_at_several_budgets_get_a_table_each_and_the_crossing_vs_budget(tmp_path):
+    """Each budget is its own Table 2 (never averaged with another); the budget table has GN's lag and BN's
+    deficit at N=2, computed here from the cells by hand."""
+    cells = {4: {("bn", 32): 50.0, ("bn", 2): 62.0, ("gn", 32): 60.0},
+             16: {("bn", 32): 30.0, ("bn", 2): 38.0, ("gn", 32): 35.0}}
+    for epochs, errors in cells.items():
+        for (norm, n), error in errors.items():
+            fixed_total_run(tmp_path, norm, n, 0, error, epochs_planned=epochs, steps_per_epoch=100,
+                            experiment=f"e{epochs}")
+    assert report_main([str(tmp_path)]) == 0
+    out = tmp_path / "report"
+    assert "| BN | 50.0 | 62.0 | 1 |" in (out / "table_batch_size_fixed_total_4ep.md").read_text()
+    assert "| BN | 30.0 | 38.0 | 1 |" in (out / "table_batch_size_fixed_total_16ep.md").read_text()
+    budget = (out / "table_budget_fixed_total.md").read_text()
+    assert "| 4 | 400 | 50.0 | 62.0 | 60.0 | +10.0 | +2.0 | 1 |" in budget
+    assert "| 16 | 1600 | 30.0 | 38.0 | 35.0 | +5.0 | +3.0 | 1 |" in budget
+    assert (out / "fig_budget.png").is_file()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.analysis import figures, tables
+from normlab.analysis import budget, figures, tables
 from normlab.analysis.claims import Cells, findings, findings_markdown
 from normlab.analysis.collect import collect_curves, write_runs
 from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label
@@ -45,6 +45,12 @@ def status_markdown(runs: pd.DataFrame) -> str:
     return f"{len(runs)} runs: {line}. Not finished, or not done:\n\n" + "\n".join(rows) + "\n"
 
 
+def _budgets_apart(runs: pd.DataFrame) -> list[int | None]:
+    """Runs trained for several budgets are tabulated per budget, never averaged together."""
+    found = budget.budgets(runs)
+    return found if len(found) > 1 else [None]
+
+
 def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_METRIC,
                  sources: list[str] | None = None) -> dict[str, list[Path]]:
     """Write every output file into `out`; return them by kind."""
@@ -53,17 +59,20 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
 
     sections, curve_sections, written["tables"], written["figures"] = [], [], [], []
     found = tables.protocols(runs) or ["paper"]
-    for protocol in found:
-        suffix = "" if len(found) == 1 else f"_{protocol}"  # one protocol: the plain names, as published
+    cells = [(protocol, epochs) for protocol in found
+             for epochs in _budgets_apart(tables.of_protocol(runs, protocol) if len(found) > 1 else runs)]
+    for protocol, epochs in cells:
         subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
+        subset = subset if epochs is None else subset[subset["epochs_planned"] == epochs]
+        suffix = "" if len(cells) == 1 else f"_{protocol}" + ("" if epochs is None else f"_{epochs}ep")
+        heading = f" ({protocol_label(protocol)}" + ("" if epochs is None else f"; {epochs} epochs") + ")"
         t2 = tables.batch_size_table(subset, metric)
         t2_md = tables.to_markdown(t2, "norm \\ N")
         (out / f"table_batch_size{suffix}.md").write_text(t2_md)
         (out / f"table_batch_size{suffix}.tex").write_text(tables.to_latex(
-            t2, "norm", f"{METRICS[metric].label} vs images per worker ({protocol_label(protocol)})"))
+            t2, "norm", f"{METRICS[metric].label} vs images per worker ({heading.strip(' ()')})"))
         written["tables"] += [out / f"table_batch_size{suffix}.md", out / f"table_batch_size{suffix}.tex"]
-        written["figures"] += figures.fig_batch_size(subset, out, metric, protocol, f"fig_batch_size{suffix}")
-        heading = f" ({protocol_label(protocol)})"
+        written["figures"] += figures.fig_batch_size(subset, out, metric, heading.strip(" ()"), f"fig_batch_size{suffix}")
         claim_md = findings_markdown(findings(subset, metric, protocol), Cells(subset, metric).seeds())
         sections += [
             (f"Does the claim hold?{heading}", claim_md),
@@ -77,6 +86,16 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
             written["figures"] += figures.fig_curves(curves, norm, out, f"fig_curves_{norm}{suffix}")
         curve_sections += [(f"Training curves{heading}", "\n".join(
             f"![fig_curves_{n}{suffix}](fig_curves_{n}{suffix}.png)" for n in curve_norms) + "\n")] * bool(curve_norms)
+    for protocol in found:
+        subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
+        table = budget.budget_table(subset, metric) if len(budget.budgets(subset)) > 1 else pd.DataFrame()
+        if not table.empty:
+            name = "fig_budget" if len(found) == 1 else f"fig_budget_{protocol}"
+            (out / f"table_budget_{protocol}.md").write_text(budget.budget_markdown(table))
+            written["tables"].append(out / f"table_budget_{protocol}.md")
+            written["figures"] += budget.fig_budget(table, out, metric, name)
+            sections.append((f"The crossing vs the training budget ({protocol_label(protocol)})",
+                             budget.budget_markdown(table) + f"\n![{name}]({name}.png)\n"))
     sections.append(("The paper's numbers (ImageNet, ResNet-50, top-1 val error %)", paper_markdown()))
 
     groups = tables.groups_tables(runs, metric)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Rerun the fixed-total-batch CPU-scale study and publish it into results/reference/cifar10_norm_batch/:
+#   the grid (experiment gn_norm_batch_small): BN at N = 32..2 × 3 seeds, and GN (G=8), LN, IN at N = 32 and 2
+#   × 3 seeds, all at a total batch of 32 (W = 32/N); then the budget study (experiment gn_norm_batch_budget):
+#   BN at N = 32 and 2 and GN at N = 32, one seed, at 2..32 epochs; then both reports.
+#   NORMLAB_CIFAR10_JPEG=/path/to/cifar10-jpeg.zip bash scripts/reproduce_cifar10_norm_batch.sh
+#   bash scripts/reproduce_cifar10_norm_batch.sh data=cifar10 data.download=true     # torchvision's CIFAR-10
+#   PART=grid (or PART=budget) runs one part; FRESH=1 empties its sweep folders first.
+# Extra arguments go to every sweep. An interrupted rerun resumes: finished jobs of the same config are skipped.
+# Nothing is published unless every job of the part finished.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+part=${PART:-all}
+publish=results/reference/cifar10_norm_batch
+grid=results/gn_norm_batch_small/reproduce
+budget=results/gn_norm_batch_budget/reproduce
+metric=val_error  # the final epoch's error: the runs are short and cosine-decayed (see the study's README)
+
+sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended to LOG
+  local dir=$1 log=$2
+  shift 2
+  normlab-train -m "hydra.sweep.dir=$dir" "$@" 2>&1 | tee -a "$log"
+}
+
+finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or diverged)
+  ! grep -E "sweep finished: " "$1" | grep -qE "invalid|failed"
+}
+
+if [ "$part" = all ] || [ "$part" = grid ]; then
+  [ "${FRESH:-0}" = 1 ] && rm -rf "$grid"
+  mkdir -p "$grid"
+  log="$grid/sweeps.log"
+  : > "$log"
+  start=$SECONDS
+  sweep "$grid" "$log" experiment=gn_norm_batch_small "$@"
+  sweep "$grid" "$log" experiment=gn_norm_batch_small norm=gn8,ln,in batch.per_worker=32,2 "$@"
+  echo "grid wall time: $((SECONDS - start)) s" | tee -a "$log"
+  finished "$log" || { echo "grid not published: some jobs did not finish (see $log)" >&2; exit 1; }
+  normlab-report "$grid" --out "$publish" --metric "$metric"
+fi
+if [ "$part" = all ] || [ "$part" = budget ]; then
+  [ "${FRESH:-0}" = 1 ] && rm -rf "$budget"
+  mkdir -p "$budget"
+  log="$budget/sweeps.log"
+  : > "$log"
+  start=$SECONDS
+  sweep "$budget" "$log" experiment=gn_norm_batch_budget "$@"
+  sweep "$budget" "$log" experiment=gn_norm_batch_budget norm=gn8 batch.per_worker=32 "$@"
+  echo "budget wall time: $((SECONDS - start)) s" | tee -a "$log"
+  finished "$log" || { echo "budget study not published: some jobs did not finish (see $log)" >&2; exit 1; }
+  normlab-report "$budget" --out "$publish/budget" --metric "$metric"
+fi
