@@ -17,16 +17,13 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from normlab.errors import ConfigError
 from normlab.norms import REGISTRY
 from normlab.protocol import ProtocolError, effective
 
 # Options that the model binds itself, not the user: W comes from batch.workers, and whether a
 # norm-activation layer applies its activation depends on where it sits in the block.
 MODEL_BOUND_NORM_OPTIONS = ("workers", "apply_act")
-
-
-class ConfigError(ValueError):
-    """Bad input, found before any work starts. The message names the key, the value and what is valid."""
 
 
 # ---------------------------------------------------------------- group schemas

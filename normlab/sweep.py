@@ -296,8 +296,8 @@ class SweepProgress(Callback):
         outcome = job_return.return_value if job_return.status == JobStatus.COMPLETED else None
         if job_return.status == JobStatus.FAILED:
             status = f"failed ({type(job_return._return_value).__name__})"
-        elif outcome == "invalid":
-            status = "invalid"
+        elif outcome in ("invalid", "busy"):
+            status = outcome if outcome == "invalid" else "busy (another process holds its folder)"
         elif summary.get("status"):
             status = summary["status"] + (" (already done, skipped)" if outcome == "skipped" else "")
         else:

@@ -23,7 +23,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from normlab import search_path, sweep
-from normlab.config import ConfigError, register_configs
+from normlab.config import register_configs
+from normlab.errors import ConfigError, RunFolderBusy
 
 log = logging.getLogger("normlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -46,6 +47,12 @@ def main(cfg: DictConfig) -> str:
     try:
         with sweep.share_machine(cfg):  # parallel jobs: a CPU-threads budget each, a GPU each
             summary = train(cfg, run_dir)  # validates first: ConfigError before anything is read
+    except RunFolderBusy as e:
+        if in_multirun():
+            log.warning("job skipped: %s", e)
+            return "busy"
+        print(f"normlab-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
     except ConfigError as e:
         if in_multirun():
             log.error("invalid job, skipped: %s", e)

@@ -23,7 +23,7 @@ sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended t
 }
 
 finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or diverged)
-  ! grep -E "sweep finished: " "$1" | grep -qE "invalid|failed"
+  ! grep -E "sweep finished: " "$1" | grep -qE "invalid|failed|busy"
 }
 
 if [ "$part" = all ] || [ "$part" = grid ]; then

@@ -20,7 +20,7 @@ normlab-train -m experiment=gn_batch_size_small "hydra.sweep.dir=$sweep" "$@" 2>
 normlab-train -m experiment=gn_batch_size_small norm=ln,in batch.per_worker=32 "hydra.sweep.dir=$sweep" "$@" \
   2>&1 | tee -a "$log"
 echo "grid wall time: $((SECONDS - start)) s"
-if grep -E "sweep finished: " "$log" | grep -qE "invalid|failed"; then
+if grep -E "sweep finished: " "$log" | grep -qE "invalid|failed|busy"; then
   echo "not published: some jobs did not finish (see $log); fix them and rerun, or FRESH=1" >&2
   exit 1
 fi

@@ -46,9 +46,9 @@ def test_the_cache_answers_the_same_setting_and_another_setting_probes_again(tmp
     choice = probe(sleeping_steps({True: 0.006, False: 0.001}, again), tmp_path)
     assert again == [] and choice.channels_last and choice.reason.startswith("auto, cached probe")
     other = []
-    key = cache_key(CPU, model="resnet20", per_worker=2, workers=8, precision="bf16")
-    assert key != cache_key(CPU, model="resnet8", per_worker=2, workers=8, precision="bf16")
-    assert key != cache_key(CPU, model="resnet20", per_worker=4, workers=8, precision="bf16")
+    key = cache_key(CPU, model="resnet20", batch=(2, 8), precision="bf16")
+    assert key != cache_key(CPU, model="resnet8", batch=(2, 8), precision="bf16")
+    assert key != cache_key(CPU, model="resnet20", batch=(4, 8), precision="bf16")
     assert probe(sleeping_steps({True: 0.006, False: 0.001}, other), tmp_path, key=key).channels_last is False
     assert sorted(other) == [False, True]
 
@@ -84,3 +84,11 @@ def test_the_two_formats_train_the_same_model_within_float_tolerance(tiny, tmp_p
     assert runs["true"]["memory_format"] == "channels_last" and runs["false"]["memory_format"] == "contiguous"
     losses = {fmt: [r["train_loss"] for r in read_metrics(tmp_path / fmt / "metrics.jsonl")] for fmt in runs}
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_a_batch_independent_norm_shares_one_probe_across_n_under_a_fixed_total_batch(tiny, tmp_path, monkeypatch):
+    """GN at N=8 and N=2 of B=8 must train in one format, or the invariance check would compare two formats."""
+    monkeypatch.setattr(memory_format, "MAX_PROBE_SHARE", 100.0)
+    reasons = [train(tiny("norm=gn", "norm.groups=8", "batch.total=8", "batch.workers=null", f"batch.per_worker={n}"),
+                     tmp_path / f"N{n}")["memory_format_reason"] for n in (8, 2)]
+    assert reasons[0].startswith("auto, probed") and reasons[1].startswith("auto, cached probe")

@@ -105,6 +105,7 @@ def test_a_cuda_graph_step_refuses_a_float_lr_before_touching_cuda():
 
 def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
     from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+    from normlab.records import RunDir
     from normlab.engine.optim import build_schedule
 
     cfg = compose_config([])
@@ -113,24 +114,25 @@ def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
     schedule = build_schedule(optimizer, cfg.schedule, 10, 10)
     for _ in range(35):  # past the first ÷10 at step 30
         schedule.step()
-    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=optimizer, schedule=schedule, epoch=3, metrics=[],
+    save_checkpoint(RunDir(tmp_path), model=model, optimizer=optimizer, schedule=schedule, epoch=3, metrics=[],
                     wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1, capturable=True)
     lr = fresh.param_groups[0]["lr"]
-    restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    restore_checkpoint(read_checkpoint(RunDir(tmp_path).checkpoint), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.01)
 
 
 def test_resuming_keeps_how_this_run_steps(tmp_path):
     """A checkpoint written by an unfused optimizer (another version, another device) resumes fused."""
     from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+    from normlab.records import RunDir
     from normlab.engine.optim import build_schedule
 
     cfg = compose_config([])
     model = build_model("resnet8", 10, "bn")
     old = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
-    save_checkpoint(tmp_path / "c.pt", model=model, optimizer=old, schedule=build_schedule(old, cfg.schedule, 10, 10),
+    save_checkpoint(RunDir(tmp_path), model=model, optimizer=old, schedule=build_schedule(old, cfg.schedule, 10, 10),
                     epoch=1, metrics=[], wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1)
-    restore_checkpoint(read_checkpoint(tmp_path / "c.pt"), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
+    restore_checkpoint(read_checkpoint(RunDir(tmp_path).checkpoint), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["fused"] is True and fresh.param_groups[0]["foreach"] is None

@@ -102,7 +102,7 @@ def test_an_interrupted_run_of_another_config_is_refused_and_force_starts_it_ove
     (tmp_path / "summary.json").write_text(json.dumps({**summary, "status": "failed"}))  # killed, checkpoint kept
     assert (tmp_path / "checkpoint.pt").exists()
     saved = (tmp_path / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match=r"holds a run \(interrupted, with a checkpoint\) of another config: "
+    with pytest.raises(ConfigError, match=r"holds a run \(interrupted\) of another config: "
                                           r"optim.base_lr was 0.1, now 0.05"):
         train(tiny("trainer.epochs=2", "optim.base_lr=0.05"), tmp_path)
     assert (tmp_path / "config.yaml").read_text() == saved and (tmp_path / "checkpoint.pt").exists()

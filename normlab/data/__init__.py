@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from normlab.data.device_loader import DeviceLoader, Normalize
-from normlab.config import ConfigError
-from normlab.data.sources import SOURCES, DataShape, source
+from normlab.errors import ConfigError
+from normlab.data.image_set import DataShape
+from normlab.data.sources import SOURCES, source
 from normlab.data.subset import subset
 
 

@@ -19,8 +19,8 @@ from pathlib import Path, PurePosixPath
 import torch
 from PIL import Image
 
-from normlab.config import ConfigError
-from normlab.data.sources import DataShape, ImageSet
+from normlab.errors import ConfigError
+from normlab.data.image_set import DataShape, ImageSet
 from normlab.records import atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from normlab.data.sources import ImageSet
+from normlab.data.image_set import ImageSet
 
 
 def stratified_indices(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:

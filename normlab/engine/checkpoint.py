@@ -1,13 +1,24 @@
-"""Atomic checkpoints: everything needed to continue a run exactly where it stopped."""
+"""Atomic checkpoints: everything needed to continue a run exactly where it stopped, and nothing that runs code.
+
+Saved as tensors and plain containers and read with ``weights_only=True``, so a planted checkpoint cannot
+execute anything. The one before the latest is kept: a checkpoint that cannot be read is moved aside
+(``checkpoint.pt.corrupt-<time>``), with a warning, and the run resumes from the previous one, or starts over.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from normlab.records import atomic_write
+from normlab.records import RunDir, atomic_write
+
+log = logging.getLogger("normlab")
+STATE_KEYS = ("model", "optimizer", "schedule", "epoch", "metrics", "wall_time_s", "rng")
 
 
 def rng_state() -> dict[str, Any]:
@@ -23,19 +34,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, *, model, optimizer, schedule, epoch: int,
-                    metrics: list[dict], wall_time_s: float, memory_format: str = "contiguous") -> None:
+def save_checkpoint(records: RunDir, *, model, optimizer, schedule, epoch: int, metrics: list[dict],
+                    wall_time_s: float, memory_format: str = "contiguous") -> None:
+    """The latest state into checkpoint.pt (atomically), the one it replaces kept as checkpoint.prev.pt."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "epoch": epoch, "metrics": metrics, "wall_time_s": wall_time_s, "rng": rng_state(),
         "memory_format": memory_format,
     }
-    atomic_write(path, lambda f: torch.save(state, f))
+    if records.checkpoint.exists():
+        os.replace(records.checkpoint, records.previous_checkpoint)
+    atomic_write(records.checkpoint, lambda f: torch.save(state, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The saved state, read with ``weights_only=True``: tensors and plain containers only, no code runs."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"not a normlab checkpoint: no {', '.join(missing)}")
+    return state
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file out of the way, keeping it for inspection; its new path."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    return aside
+
+
+def read_resume_state(records: RunDir) -> dict[str, Any] | None:
+    """The latest checkpoint that reads, else None (start over). Damaged ones are moved aside, with a warning."""
+    for path in (records.checkpoint, records.previous_checkpoint):
+        if not path.exists():
+            continue
+        try:
+            return read_checkpoint(path)
+        except Exception as e:  # noqa: BLE001 - whatever a damaged or foreign file raises, the run goes on
+            reason = str(e).splitlines()[0] if str(e) else ""
+            aside = set_aside(path)
+            log.warning("%s cannot be read (%s: %s); moved aside to %s", path, type(e).__name__, reason[:200],
+                        aside.name)
+    return None
 
 
 def restore_checkpoint(state: dict[str, Any], *, model, optimizer, schedule) -> dict[str, Any]:

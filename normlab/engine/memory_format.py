@@ -4,18 +4,21 @@ Which format makes a whole training step faster depends on the convolutions (fas
 modern CPUs and GPUs) and on the norms (torch's BN, GN and per-worker BN each prefer one or the other,
 differently by precision, W and N), so it flips with the model, norm, batch, precision and device. At job
 start, a short probe trains throw-away copies of the model on random data for a few steps in each format,
-alternating, and keeps the faster one. The result is cached per (device, torch, threads, model, norm, N, W,
-precision) in normlab's cache folder, so a sweep probes each setting once. A job shorter than
+alternating, and keeps the faster one. The result is cached per (device, torch, threads, model, norm, N and W
+for a batch-statistics norm or the total batch for the others, precision) in normlab's cache folder, so a sweep
+probes each setting once, and a batch-independent norm runs in one format at every N of a fixed total batch. A job shorter than
 PROBE_STEPS / MAX_PROBE_SHARE steps is not probed: it uses the cached choice if there is one, else NCHW.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,23 +97,39 @@ def choose_memory_format(setting: Any, make_step: StepFactory, *, shape: tuple[i
     if setting != "auto":
         return FormatChoice(setting == "true", f"trainer.channels_last={setting}")
     folder = cache_dir or default_cache_dir()
-    cached = read_cache(folder).get(key)
-    if isinstance(cached, dict) and cached.get("format") in FORMATS.values():
-        return FormatChoice(cached["format"] == FORMATS[True], f"auto, cached probe: {cached.get('times', '')}")
-    if job_steps is None or PROBE_STEPS > MAX_PROBE_SHARE * job_steps:
-        return FormatChoice(False, f"auto, job too short to probe ({job_steps} steps): contiguous")
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        seconds = time_formats(make_step, shape, classes, device)
-    faster = min(seconds, key=seconds.get)
-    times = ", ".join(f"{FORMATS[fmt]} {1e3 * s:.1f} ms" for fmt, s in seconds.items())
-    _remember(folder, key, {"format": FORMATS[faster], "times": f"{times} per step"})
+    with _cache_lock(folder):  # jobs of a sweep that start together probe once, and agree
+        cached = read_cache(folder).get(key)
+        if isinstance(cached, dict) and cached.get("format") in FORMATS.values():
+            return FormatChoice(cached["format"] == FORMATS[True], f"auto, cached probe: {cached.get('times', '')}")
+        if job_steps is None or PROBE_STEPS > MAX_PROBE_SHARE * job_steps:
+            return FormatChoice(False, f"auto, job too short to probe ({job_steps} steps): contiguous")
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            seconds = time_formats(make_step, shape, classes, device)
+        faster = min(seconds, key=seconds.get)
+        times = ", ".join(f"{FORMATS[fmt]} {1e3 * s:.1f} ms" for fmt, s in seconds.items())
+        _remember(folder, key, {"format": FORMATS[faster], "times": f"{times} per step"})
     return FormatChoice(faster, f"auto, probed: {times} per step")
 
 
-def _remember(folder: Path, key: str, entry: dict[str, Any]) -> None:
-    """Add one entry to the cache; a write that fails (read-only home, a race) only costs a later probe."""
+@contextlib.contextmanager
+def _cache_lock(folder: Path) -> Iterator[None]:
+    """An OS advisory lock on the cache folder (none where the folder cannot be written: each job probes)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / f".{CACHE_FILE}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _remember(folder: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add one entry to the cache; a write that fails (read-only home) only costs a later probe."""
+    try:
         write_json(folder / CACHE_FILE, {**read_cache(folder), key: entry})
     except OSError:
         pass

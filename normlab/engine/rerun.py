@@ -11,8 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.config import ConfigError, schema_defaults
-from normlab.records import RunDir
+from normlab.config import schema_defaults
+from normlab.errors import ConfigError
+from normlab.records import RunDir, read_metrics
 
 # Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
 # The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
@@ -51,7 +52,8 @@ def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> li
 
 def job_changes(cfg: DictConfig, records: RunDir) -> list[tuple[str, Any, Any]]:
     """How `cfg` differs from the finished or checkpointed run in `records` (nothing there: no change)."""
-    if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()):
+    if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()
+                                           or records.previous_checkpoint.exists() or read_metrics(records.metrics)):
         return []
     saved = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
     return changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), schema_defaults(cfg.norm.name))
@@ -61,7 +63,7 @@ def refuse_another_job(records: RunDir, changes: list[tuple[str, Any, Any]]) -> 
     """Raise the ConfigError that names the changed keys and the two ways on."""
     listed = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in changes[:6])
     more = f" (and {len(changes) - 6} more)" if len(changes) > 6 else ""
-    state = records.read_summary()["status"] if records.is_final() else "interrupted, with a checkpoint"
+    state = records.read_summary()["status"] if records.is_final() else "interrupted"
     raise ConfigError(
         f"{records.path} holds a run ({state}) of another config: {listed}{more}. "
         "trainer.force=true replaces it; another hydra.sweep.dir (or hydra.run.dir) keeps both")

@@ -14,6 +14,7 @@ import random
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 import normlab
 from normlab import data as datasets
 from normlab.config import host_synced_norm, model_options, norm_options, validate
-from normlab.engine.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
+from normlab.errors import ConfigError
+from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
 from normlab.engine.loop import evaluate, train_epoch
 from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
 from normlab.engine.step import CudaGraphStep, TrainStep
@@ -35,7 +37,7 @@ from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
 from normlab.norms import norm_spec
 from normlab.protocol import effective, identity
-from normlab.records import RunDir, append_metrics, write_json, write_metrics
+from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
 
 log = logging.getLogger("normlab")
 
@@ -80,9 +82,10 @@ def resolve_memory_format(cfg: DictConfig, shape, device: torch.device, precisio
         return TrainStep(model, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
 
     job_steps = shape.train_size // eff.total_batch * cfg.trainer.epochs if shape.train_size else None
+    batch = ((cfg.batch.per_worker, eff.workers) if norm_spec(cfg.norm.name).batch_dependent  # W changes its step
+             else eff.total_batch)
     key = cache_key(device, model=cfg.model.name, model_options=model_options(cfg), norm=norm_options(cfg),
-                    per_worker=cfg.batch.per_worker, workers=eff.workers, precision=precision,
-                    image=(shape.channels, shape.size))
+                    batch=batch, precision=precision, image=(shape.channels, shape.size))
     return choose_memory_format(cfg.trainer.channels_last, make_step, classes=shape.num_classes, device=device,
                                 shape=(eff.total_batch, shape.channels, shape.size, shape.size), key=key,
                                 job_steps=job_steps)
@@ -144,104 +147,118 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
     }
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """Run one job into `run_dir`. Returns its summary, or None when it was already done.
-
-    Bad input raises ``ConfigError`` before anything is read or written: ``validate``, and a run
-    directory that holds another config's run.
-    """
-    validate(cfg)
-    records = RunDir(run_dir)
-    records.path.mkdir(parents=True, exist_ok=True)
-    changes = job_changes(cfg, records)
-    if changes and not cfg.trainer.force:
-        refuse_another_job(records, changes)
-    if records.is_final() and not cfg.trainer.force:
-        log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
-                 records.read_summary()["status"])
-        return None
-    if cfg.trainer.force and (records.is_final() or changes):  # a requeued job of the same config resumes
-        for path in (records.summary, records.metrics, records.checkpoint):
+def decide(cfg: DictConfig, records: RunDir) -> bool:
+    """Whether to run this job in `records` (False: it is done). Refuses (ConfigError) a folder holding another
+    config's run, or records that cannot be read; trainer.force=true starts the folder over, whatever it holds."""
+    if cfg.trainer.force:
+        for path in (records.summary, records.metrics, records.checkpoint, records.previous_checkpoint):
             path.unlink(missing_ok=True)
-    OmegaConf.save(cfg, records.config, resolve=True)
+    else:
+        unreadable = records.unreadable()
+        if unreadable:
+            raise ConfigError(f"{records.path} holds records that cannot be read: {', '.join(unreadable)}; the "
+                              "folder is treated as occupied, not empty. trainer.force=true discards what it holds")
+        changes = job_changes(cfg, records)
+        if changes:
+            refuse_another_job(records, changes)
+        if records.is_final():
+            log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
+                     records.read_summary()["status"])
+            return False
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(records.config, lambda f: f.write(text.encode()))
+    return True
 
+
+@dataclass(frozen=True)
+class Runtime:
+    """How this job runs, resolved once from the config and the machine."""
+
+    device: torch.device
+    precision: str
+    cuda_graph: bool
+    layout: FormatChoice
+
+
+def resolve_runtime(cfg: DictConfig, state: dict | None) -> Runtime:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     device = resolve_device(cfg.trainer.device)
     precision = resolve_precision(cfg.trainer.precision, device)
     cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg))
+    layout = resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state)
+    return Runtime(device, precision, cuda_graph, layout)
+
+
+@dataclass
+class Job:
+    """What one job trains with: data, model (and its compiled forward), optimizer, schedule, step."""
+
+    loaders: Any
+    model: torch.nn.Module
+    forward: Any
+    optimizer: torch.optim.Optimizer
+    schedule: Any
+    step: Any
+
+    @property
+    def steps(self) -> int:
+        return len(self.loaders.train)  # >= 1: validate checked the batch against the training set
+
+
+def build(cfg: DictConfig, rt: Runtime) -> Job:
+    eff = effective(cfg)
+    channels_last = rt.layout.channels_last
+    loaders = datasets.build(cfg.data, eff.total_batch, rt.device, seed=cfg.seed, channels_last=channels_last)
+    model = build_run_model(cfg, loaders.shape, rt.device, channels_last)
+    forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
+    optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=rt.cuda_graph)
+    schedule = build_schedule(optimizer, cfg.schedule, len(loaders.train), cfg.trainer.epochs)
+    step = TrainStep(forward, optimizer, device=rt.device, precision=rt.precision,
+                     label_smoothing=cfg.optim.label_smoothing, autocast_cache=not rt.cuda_graph)
+    return Job(loaders, model, forward, optimizer, schedule, CudaGraphStep(step) if rt.cuda_graph else step)
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Run one job into `run_dir`. Returns its summary, or None when it was already done.
+
+    Bad input raises ``ConfigError`` before anything is read or written: ``validate``, a run folder that
+    another process holds (``RunFolderBusy``), and one that holds another config's run or unreadable records.
+    """
+    validate(cfg)
+    records = RunDir(run_dir)
+    with records.hold():  # one process per run folder, for the job's life
+        if not decide(cfg, records):
+            return None
+        return run(cfg, records)
+
+
+def run(cfg: DictConfig, records: RunDir) -> dict[str, Any]:
+    """Resume or start, build, train every epoch, and leave a summary however it ends."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     eff = effective(cfg)
-
+    state = read_resume_state(records)  # None: start over; metrics.jsonl is realigned with what resumes
+    rows = list(state["metrics"]) if state is not None else []
+    write_metrics(records.metrics, rows)
+    wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
-    status, rows, wall_time = "failed", [], 0.0
-    extra: dict[str, Any] = {"device": device.type, "precision": precision, "compiled": bool(cfg.trainer.compile),
-                             "cuda_graph": cuda_graph, "batch_dependent": norm_spec(cfg.norm.name).batch_dependent}
+    extra: dict[str, Any] = {"batch_dependent": norm_spec(cfg.norm.name).batch_dependent}
     try:
-        state = read_checkpoint(records.checkpoint) if records.checkpoint.exists() else None
-        layout = resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state)
-        channels_last = layout.channels_last
-        extra.update(memory_format=layout.name, memory_format_reason=layout.reason)
-        loaders = datasets.build(cfg.data, eff.total_batch, device, seed=cfg.seed, channels_last=channels_last)
-        model = build_run_model(cfg, loaders.shape, device, channels_last)
-        forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
-        steps = len(loaders.train)  # >= 1: validate checked the batch against the training set
-        optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=cuda_graph)
-        schedule = build_schedule(optimizer, cfg.schedule, steps, cfg.trainer.epochs)
-        extra.update(train_size=loaders.train.num_samples, test_size=loaders.test.num_samples,
-                     steps_per_epoch=steps, num_classes=loaders.shape.num_classes)
-
-        start_epoch = 0
+        rt = resolve_runtime(cfg, state)
+        extra.update(device=rt.device.type, precision=rt.precision, compiled=bool(cfg.trainer.compile),
+                     cuda_graph=rt.cuda_graph, memory_format=rt.layout.name, memory_format_reason=rt.layout.reason)
+        job = build(cfg, rt)
+        extra.update(train_size=job.loaders.train.num_samples, test_size=job.loaders.test.num_samples,
+                     steps_per_epoch=job.steps, num_classes=job.loaders.shape.num_classes)
         if state is not None:
-            resumed = restore_checkpoint(state, model=model, optimizer=optimizer, schedule=schedule)
-            start_epoch, rows, wall_time = resumed["epoch"], resumed["metrics"], resumed["wall_time_s"]
-            write_metrics(records.metrics, rows)  # drop any epoch logged after the checkpoint
+            restore_into(records, state, job)
             log.info("resuming %s after epoch %d", records.path, start_epoch)
-        else:
-            records.metrics.unlink(missing_ok=True)
-
-        log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s%s",
-                 cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker, eff.workers,
-                 eff.total_batch, eff.protocol, eff.lr, steps, device, precision,
-                 f" {layout.name} ({layout.reason})" + (" cuda-graph" if cuda_graph else ""))
-
-        step = TrainStep(forward, optimizer, device=device, precision=precision,
-                         label_smoothing=cfg.optim.label_smoothing, autocast_cache=not cuda_graph)
-        if cuda_graph:
-            step = CudaGraphStep(step)
-        bar = ProgressBar(ProgressBar.wanted(cfg.trainer.progress))
-        status = "done"
-        for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
-            lr = float(optimizer.param_groups[0]["lr"])
-            train_metrics, epoch_time = train_epoch(
-                step, loaders.train.epoch(epoch), schedule,
-                progress=bar.epoch(epoch, cfg.trainer.epochs, steps, eff.total_batch))
-            wall_time += epoch_time
-            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
-                   "val_loss": None, "val_error": None, "lr": lr,
-                   "images_per_sec": steps * eff.total_batch / epoch_time, "epoch_time_s": epoch_time}
-            if not math.isfinite(train_metrics["loss"]):
-                status = "diverged"
-                extra["diverged_epoch"] = epoch
-            elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
-                val = evaluate(forward, loaders.test.epoch(epoch), device=device, precision=precision)
-                row.update(val_loss=val["loss"], val_error=val["error"])
-                if loaders.shape.num_classes > 10:
-                    row["val_error_top5"] = val["error_top5"]
-            rows.append(row)
-            append_metrics(records.metrics, row)
-            logger.log_epoch(row)
-            log.info("epoch %d/%d: train loss %.4f error %.2f%% · val error %s · %.0f img/s", epoch,
-                     cfg.trainer.epochs, row["train_loss"], row["train_error"],
-                     "-" if row["val_error"] is None else f"{row['val_error']:.2f}%", row["images_per_sec"])
-            if status == "diverged":
-                log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"],
-                            epoch)
-                break
-            if cfg.trainer.checkpoint:
-                save_checkpoint(records.checkpoint, model=model, optimizer=optimizer, schedule=schedule,
-                                epoch=epoch, metrics=rows, wall_time_s=wall_time, memory_format=layout.name)
+        log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s"
+                 " · %s (%s)%s", cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker,
+                 eff.workers, eff.total_batch, eff.protocol, eff.lr, job.steps, rt.device, rt.precision,
+                 rt.layout.name, rt.layout.reason, " · cuda-graph" if rt.cuda_graph else "")
+        status, wall_time = run_epochs(cfg, records, rt, job, rows, start_epoch, wall_time, logger, extra)
     except BaseException as e:
         status = "failed"
         extra["error"] = f"{type(e).__name__}: {e}"
@@ -254,3 +271,50 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
              summary["val_error_median5"], wall_time, records.summary)
     return summary
+
+
+def restore_into(records: RunDir, state: dict, job: Job) -> None:
+    """The checkpoint's state into the job; one that does not fit this model is moved aside, and the job fails."""
+    try:
+        restore_checkpoint(state, model=job.model, optimizer=job.optimizer, schedule=job.schedule)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        aside = set_aside(records.checkpoint)
+        raise RuntimeError(f"{records.checkpoint.name} does not fit this job ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0]}); moved aside to {aside.name}. Rerun to start over") from None
+
+
+def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: list[dict], start_epoch: int,
+               wall_time: float, logger, extra: dict) -> tuple[str, float]:
+    """Train from `start_epoch` to the end, appending to `rows`; (status, wall time)."""
+    eff = effective(cfg)
+    bar = ProgressBar(ProgressBar.wanted(cfg.trainer.progress))
+    for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
+        lr = float(job.optimizer.param_groups[0]["lr"])
+        train_metrics, epoch_time = train_epoch(
+            job.step, job.loaders.train.epoch(epoch), job.schedule,
+            progress=bar.epoch(epoch, cfg.trainer.epochs, job.steps, eff.total_batch))
+        wall_time += epoch_time
+        row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
+               "val_loss": None, "val_error": None, "lr": lr,
+               "images_per_sec": job.steps * eff.total_batch / epoch_time, "epoch_time_s": epoch_time}
+        diverged = not math.isfinite(train_metrics["loss"])
+        if diverged:
+            extra["diverged_epoch"] = epoch
+        elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
+            val = evaluate(job.forward, job.loaders.test.epoch(epoch), device=rt.device, precision=rt.precision)
+            row.update(val_loss=val["loss"], val_error=val["error"])
+            if job.loaders.shape.num_classes > 10:
+                row["val_error_top5"] = val["error_top5"]
+        rows.append(row)
+        append_metrics(records.metrics, row)
+        logger.log_epoch(row)
+        log.info("epoch %d/%d: train loss %.4f error %.2f%% · val error %s · %.0f img/s", epoch,
+                 cfg.trainer.epochs, row["train_loss"], row["train_error"],
+                 "-" if row["val_error"] is None else f"{row['val_error']:.2f}%", row["images_per_sec"])
+        if diverged:
+            log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"], epoch)
+            return "diverged", wall_time
+        if cfg.trainer.checkpoint:
+            save_checkpoint(records, model=job.model, optimizer=job.optimizer, schedule=job.schedule,
+                            epoch=epoch, metrics=rows, wall_time_s=wall_time, memory_format=rt.layout.name)
+    return "done", wall_time

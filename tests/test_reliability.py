@@ -1,0 +1,120 @@
+"""Run folders that can't be corrupted: one process each, checkpoints that can't run code, damaged files survived."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from normlab.errors import ConfigError, RunFolderBusy
+from normlab.engine.trainer import train
+from normlab.records import RunDir, read_metrics
+from tests.conftest import REPO, TINY
+
+
+def test_a_second_process_on_a_held_run_folder_stops_at_once_and_changes_nothing(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with run.hold():
+        before = sorted(p.name for p in run.path.iterdir())
+        result = subprocess.run([sys.executable, "-m", "normlab.train", *TINY, f"hydra.run.dir={run.path}"],
+                                capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"{run.path} is in use by another normlab job (host " in result.stderr
+        assert f"pid {os.getpid()}, started " in result.stderr
+        assert not run.summary.exists() and not run.config.exists() and not run.metrics.exists()
+        assert {p for p in before} <= {p.name for p in run.path.iterdir()}
+    assert train_once(run)  # the lock went with its holder
+
+
+def train_once(run: RunDir) -> dict:
+    from tests.conftest import compose_config
+
+    return train(compose_config(TINY), run.path)
+
+
+def test_the_lock_refuses_a_second_holder_in_the_same_process_too(tmp_path):
+    run = RunDir(tmp_path)
+    with run.hold():
+        with pytest.raises(RunFolderBusy, match="is in use by another normlab job"):
+            with RunDir(tmp_path).hold():
+                pass
+
+
+def test_an_unreadable_summary_makes_the_folder_occupied_not_empty(tiny, tmp_path):
+    """A finished run without a checkpoint whose summary.json was damaged: another config must not overwrite it."""
+    train(tiny("trainer.checkpoint=false"), tmp_path)
+    (tmp_path / "summary.json").write_text("{not json")
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ConfigError, match=r"cannot be read: summary\.json \(JSONDecodeError.*trainer\.force=true"):
+        train(tiny("optim.base_lr=0.05"), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert train(tiny("optim.base_lr=0.05", "trainer.force=true"), tmp_path)["status"] == "done"
+
+
+def test_a_broken_config_yaml_is_named(tiny, tmp_path):
+    train(tiny(), tmp_path)
+    (tmp_path / "config.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"config\.yaml \(.*Error"):
+        train(tiny(), tmp_path)
+
+
+class Planted:
+    """A pickle that runs code when loaded without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_checkpoint_runs_no_code_and_is_moved_aside(tiny, tmp_path):
+    marker = tmp_path / "pwned"
+    run = tmp_path / "run"
+    train(tiny("trainer.epochs=1"), run)
+    (run / "summary.json").unlink()  # as if killed after the checkpoint
+    torch.save({"model": Planted(marker)}, run / "checkpoint.pt")
+    (run / "checkpoint.prev.pt").unlink(missing_ok=True)
+    summary = train(tiny("trainer.epochs=1"), run)
+    assert not marker.exists()
+    assert summary["status"] == "done" and summary["epochs"] == 1  # started over
+    assert any(p.name.startswith("checkpoint.pt.corrupt-") for p in run.iterdir())
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one_and_metrics_follow_it(tiny, tmp_path, caplog):
+    train(tiny("trainer.epochs=3"), tmp_path)
+    (tmp_path / "summary.json").unlink()  # killed after epoch 3's checkpoint
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    summary = train(tiny("trainer.epochs=3"), tmp_path)
+    assert "cannot be read" in caplog.text and "moved aside" in caplog.text
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # epoch 3 trained again from epoch 2's checkpoint
+    assert summary["epochs"] == len(rows) == 3 and summary["status"] == "done"
+
+
+def test_force_starts_a_folder_with_a_damaged_checkpoint_over(tiny, tmp_path):
+    train(tiny("trainer.epochs=2"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"garbage")
+    summary = train(tiny("trainer.epochs=2", "trainer.force=true"), tmp_path)
+    assert summary["status"] == "done" and summary["epochs"] == 2 == len(read_metrics(tmp_path / "metrics.jsonl"))
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 2
+
+
+def test_the_summary_counts_the_epochs_metrics_jsonl_holds_when_a_resume_fails(tiny, tmp_path):
+    """A checkpoint that reads but does not fit the model: set aside, the job fails, the summary agrees with metrics."""
+    train(tiny("trainer.epochs=2"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["model"] = {"nonsense": torch.zeros(1)}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="does not fit this job .* moved aside"):
+        train(tiny("trainer.epochs=2"), tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["epochs"] == len(read_metrics(tmp_path / "metrics.jsonl"))
