@@ -270,3 +270,41 @@ def test_runs_at_several_budgets_get_a_table_each_and_the_crossing_vs_budget(tmp
     assert "| 4 | 400 | 50.0 | 62.0 | 60.0 | +10.0 | +2.0 | 1 |" in budget
     assert "| 16 | 1600 | 30.0 | 38.0 | 35.0 | +5.0 | +3.0 | 1 |" in budget
     assert (out / "fig_budget.png").is_file()
+
+
+# ---------------------------------------------------------------- records that cannot be trusted
+
+def test_the_report_never_crashes_on_a_record_and_says_what_it_could_not_use(tmp_path):
+    fake_run(tmp_path, "good", "bn", 32, 0, 10.0)
+    fake_run(tmp_path, "text", "bn", 32, 1, 12.0)
+    summary = json.loads((tmp_path / "text" / "summary.json").read_text())
+    (tmp_path / "text" / "summary.json").write_text(json.dumps({**summary, "val_error_median5": "twelve"}))
+    fake_run(tmp_path, "torn", "bn", 32, 2, 11.0)
+    (tmp_path / "torn" / "summary.json").write_text('{"status": "do')
+    fake_run(tmp_path, "nan", "bn", 32, 3, None)  # done, but its metric is NaN (written as null)
+    twice = fake_run(tmp_path, "twice", "bn", 32, 4, 9.0)
+    with open(twice / "metrics.jsonl", "a") as f:  # two processes wrote one folder
+        f.write(json.dumps({"epoch": 1, "train_error": 1.0, "val_error": 9.0}) + "\n")
+    assert report_main([str(tmp_path)]) == 0
+    runs = collect([tmp_path]).set_index(pd.Series([Path(p).name for p in collect([tmp_path])["run_dir"]]))
+    assert runs.loc["good", "status"] == "done"
+    assert runs.loc["text", "status"] == "invalid" and "val_error_median5='twelve' is not a number" in runs.loc["text", "problem"]
+    assert runs.loc["torn", "status"] == "unreadable" and "summary.json: JSONDecodeError" in runs.loc["torn", "problem"]
+    assert runs.loc["nan", "status"] == "invalid" and runs.loc["nan", "problem"] == "done, but no finite val_error"
+    assert runs.loc["twice", "status"] == "invalid" and "repeats epoch(s) 1" in runs.loc["twice", "problem"]
+    out = tmp_path / "report"
+    assert "| BN | 10.0 | 1 |" in (out / "table_batch_size.md").read_text()  # only the good run is averaged
+    report = (out / "report.md").read_text()
+    tally = re.search(r"5 runs: ([^.]*)\.", report).group(1)
+    assert sorted(tally.split(", ")) == ["1 done", "1 unreadable", "3 invalid"]
+    assert "JSONDecodeError" in report and "repeats epoch(s) 1" in report
+
+
+@pytest.mark.parametrize("content, reason", [("norm,seed\nbn,0\n", "no column per_worker_batch, status"),
+                                             ("\x00\x01\x02", ""), ("", "EmptyDataError")])
+def test_a_malformed_runs_csv_is_listed_as_unreadable(tmp_path, content, reason):
+    path = tmp_path / "runs.csv"
+    path.write_text(content)
+    runs = collect([path])
+    assert list(runs["status"]) == ["unreadable"] and reason in runs["problem"].iloc[0]
+    assert report_main([str(path), "--out", str(tmp_path / "out")]) == 0

@@ -15,11 +15,14 @@ import pandas as pd
 import yaml
 
 from normlab.protocol import PAPER, identity
-from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics
+from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics, unreadable_reason
 
 IDENTITY = ["experiment", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
             "total_batch", "protocol", "lr", "seed"]
 RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s"]
+NUMERIC = ["val_error", "val_error_median5", "best_val_error", "wall_time_s", "lr"]
+REQUIRED_CSV_COLUMNS = ("norm", "per_worker_batch", "status")
+UNREADABLE, INVALID = "unreadable", "invalid"
 RUNS_CSV = "runs.csv"
 
 
@@ -42,18 +45,28 @@ def _read_config(run: RunDir) -> dict[str, Any] | None:
 
 
 def run_record(path: Path) -> dict[str, Any]:
-    """One row: the summary if the run finished, else what its config and metrics say so far."""
+    """One row: the summary if the run finished, else what its config and metrics say so far. A record that
+    cannot be read, or metrics that repeat an epoch (two writers), make the row unreadable or invalid, with why."""
     run = RunDir(path)
+    rows = read_metrics(run.metrics)
+    epochs = [r.get("epoch") for r in rows]
+    repeated = sorted({e for e in epochs if epochs.count(e) > 1}, key=str)
+    problem = unreadable_reason(run.summary)
+    if problem is not None:
+        return {"run_dir": str(path), "status": UNREADABLE, "problem": f"{SUMMARY}: {problem}"}
     summary = run.read_summary()
     if summary is not None:
-        return {"run_dir": str(path), **summary}
-    config, rows = _read_config(run), read_metrics(run.metrics)
+        record = {"run_dir": str(path), **summary}
+        if repeated:
+            record.update(status=INVALID, problem=f"{METRICS} repeats epoch(s) {', '.join(map(str, repeated))}")
+        return record
+    config = _read_config(run)
     record: dict[str, Any] = {"run_dir": str(path), "status": "unfinished", "epochs": len(rows)}
     if config is not None:
         try:
             record.update(identity(config))
-        except (KeyError, TypeError):
-            record["status"] = "unreadable"
+        except (KeyError, TypeError, ValueError) as e:
+            record.update(status=UNREADABLE, problem=f"{CONFIG}: {type(e).__name__}: {e}")
     evaluated = [r["val_error"] for r in rows if r.get("val_error") is not None]
     if evaluated:
         record["val_error"] = evaluated[-1]
@@ -61,18 +74,31 @@ def run_record(path: Path) -> dict[str, Any]:
 
 
 def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Known columns first, in a fixed order; integer columns as nullable integers."""
-    for column in IDENTITY + RESULTS:
+    """Known columns first, in a fixed order; integer columns as nullable integers. A value that is not a number
+    where one belongs makes its run invalid, and a done run without a finite val_error too, saying why: every
+    table and tally then leaves it out alike."""
+    for column in IDENTITY + RESULTS + ["problem"]:
         if column not in frame:
             frame[column] = pd.NA
+    frame["problem"] = frame["problem"].astype("object")
+    for column in NUMERIC + ["groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
+                             "epochs_planned"]:
+        number = pd.to_numeric(frame[column], errors="coerce")
+        bad = number.isna() & frame[column].notna()
+        frame.loc[bad, "problem"] = [f"{column}={v!r} is not a number" for v in frame.loc[bad, column]]
+        frame.loc[bad, "status"] = INVALID
+        frame[column] = number.where(~number.isin([float("inf"), float("-inf")]))
+    no_result = (frame["status"] == "done") & frame["val_error"].isna()
+    frame.loc[no_result, "problem"] = "done, but no finite val_error"
+    frame.loc[no_result, "status"] = INVALID
     for column in ("groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
                    "epochs_planned"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
     # runs recorded before batch.total existed all followed the paper's protocol
     frame["protocol"] = frame["protocol"].astype("string").mask(frame["per_worker_batch"].notna()
                                                                 & frame["protocol"].isna(), PAPER)
-    rest = [c for c in frame.columns if c not in IDENTITY + RESULTS + ["run_dir"]]
-    return frame[IDENTITY + RESULTS + ["run_dir"] * ("run_dir" in frame) + rest]
+    rest = [c for c in frame.columns if c not in IDENTITY + RESULTS + ["run_dir", "problem"]]
+    return frame[IDENTITY + RESULTS + ["problem"] + ["run_dir"] * ("run_dir" in frame) + rest]
 
 
 def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
@@ -81,13 +107,27 @@ def collect(paths: Iterable[str | Path]) -> pd.DataFrame:
     for path in map(Path, paths):
         csv = path if path.suffix == ".csv" else path / RUNS_CSV
         if csv.is_file() and not find_run_dirs([path if path.is_dir() else path.parent]):
-            frames.append(pd.read_csv(csv))
-    records = [run_record(d) for d in find_run_dirs(p for p in map(Path, paths) if p.is_dir())]
+            frame, problem = read_runs_csv(csv)
+            frames.append(frame) if problem is None else records.append(
+                {"run_dir": str(csv), "status": UNREADABLE, "problem": problem})
+    records += [run_record(d) for d in find_run_dirs(p for p in map(Path, paths) if p.is_dir())]
     if records:
         frames.append(pd.DataFrame.from_records(records))
     if not frames:
         return tidy(pd.DataFrame())
     return tidy(pd.concat(frames, ignore_index=True))
+
+
+def read_runs_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """A published runs table, or why it cannot be used."""
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, ValueError, pd.errors.ParserError) as e:
+        return None, f"{path.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    missing = [c for c in REQUIRED_CSV_COLUMNS if c not in frame]
+    if missing:
+        return None, f"{path.name}: no column {', '.join(missing)}"
+    return frame, None
 
 
 def collect_curves(runs: pd.DataFrame) -> pd.DataFrame:

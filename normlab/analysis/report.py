@@ -38,10 +38,12 @@ def status_markdown(runs: pd.DataFrame) -> str:
     others = runs[runs["status"] != "done"]
     if others.empty:
         return f"{len(runs)} runs: {line}.\n"
-    rows = ["| run | norm | N | seed | status | epochs |", "|---|---|---|---|---|---|"]
+    rows = ["| run | norm | N | seed | status | epochs | why |", "|---|---|---|---|---|---|---|"]
     for r in others.itertuples():
-        rows.append(f"| {Path(str(r.run_dir)).name if isinstance(r.run_dir, str) else '–'} | {r.norm} | "
-                    f"{r.per_worker_batch} | {r.seed} | {r.status} | {r.epochs} |")
+        run_dir = getattr(r, "run_dir", None)
+        name = Path(run_dir).name if isinstance(run_dir, str) else "–"
+        why = "" if pd.isna(r.problem) else str(r.problem).replace("|", "/")
+        rows.append(f"| {name} | {r.norm} | {r.per_worker_batch} | {r.seed} | {r.status} | {r.epochs} | {why} |")
     return f"{len(runs)} runs: {line}. Not finished, or not done:\n\n" + "\n".join(rows) + "\n"
 
 
