@@ -10,6 +10,8 @@ path that does not exist) is checked by :func:`validate` before any data is read
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,9 +165,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, schema in GROUP_SCHEMAS.items():
-        cs.store(group=group, name=f"{group}_schema", node=schema)
+        cs.store(group=f"schema/{group}", name=group, node=schema)  # apart, so no group lists it as an option
     for name in REGISTRY:
-        cs.store(group="norm", name=f"{name}_schema", node=norm_schema(name))
+        cs.store(group="schema/norm", name=name, node=norm_schema(name))
 
 
 def schema_defaults(norm_name: str) -> dict[str, Any]:
@@ -196,10 +198,69 @@ def _check(condition: bool, key: str, value: Any, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {valid}")
 
 
+INF = float("inf")
+# key: (low, high, what is valid); a value must be a finite number with low <= value <= high ("(" excludes low)
+RANGES: dict[str, tuple[str, float, float, str]] = {
+    "seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "model.width": ("[", 1, INF, "an integer >= 1, or null for 16"),
+    "data.num_classes": ("[", 1, INF, ">= 1, or null"),
+    "data.class_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "data.num_train": ("[", 1, INF, ">= 1"),
+    "data.num_test": ("[", 1, INF, ">= 1"),
+    "data.channels": ("[", 1, INF, ">= 1"),
+    "data.size": ("[", 1, INF, ">= 1"),
+    "data.image_size": ("[", 1, INF, ">= 1, or null"),
+    "data.in_memory_max_gb": ("[", 0, INF, ">= 0 (0 streams every image folder)"),
+    "data.loader_workers": ("[", 0, INF, ">= 0"),
+    "data.train_subset": ("[", 1, INF, ">= 1, or null for the whole training set"),
+    "data.test_subset": ("[", 1, INF, ">= 1, or null for the whole test set"),
+    "data.subset_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "optim.momentum": ("[", 0, 0.999999, "in [0, 1)"),
+    "optim.weight_decay": ("[", 0, INF, ">= 0"),
+    "schedule.gamma": ("(", 0, 1, "in (0, 1]: the factor at each milestone"),
+    "schedule.min_lr_factor": ("[", 0, 1, "in [0, 1]: the final lr as a fraction of the peak"),
+    "schedule.warmup_start_factor": ("(", 0, 1, "in (0, 1]"),
+    "norm.momentum": ("[", 0, 1, "in [0, 1], or null for a cumulative average"),
+    "norm.r_max": ("[", 1, INF, ">= 1"),
+    "norm.d_max": ("[", 0, INF, ">= 0"),
+    "norm.warmup_steps": ("[", 0, INF, ">= 0"),
+    "norm.ramp_steps": ("[", 0, INF, ">= 0"),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (bracket, low, high, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool):
+            continue
+        above = value > low if bracket == "(" else value >= low
+        _check(isinstance(value, (int, float)) and math.isfinite(value) and above and value <= high, key, value,
+               f"must be {valid}")
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key no schema has (a misspelt one, added with '+') is refused, naming the keys that exist."""
+    nodes = {"": TrainConfig, "batch": BatchConfig, **GROUP_SCHEMAS}
+    for prefix, schema in nodes.items():
+        node = cfg if not prefix else cfg.get(prefix)
+        if not isinstance(node, DictConfig):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in known and not (prefix == "" and key == "hydra"):
+                name = f"{prefix}.{key}" if prefix else str(key)
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+                raise ConfigError(f"{name} is not a normlab key ('+' adds keys the schema does not know); "
+                                  f"{hint}valid keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the invariants across groups, before any data is read. Raises ConfigError."""
     from normlab.data import describe
 
+    _check_known_keys(cfg)
+    _check_ranges(cfg)
     _check(cfg.batch.per_worker >= 1, "batch.per_worker", cfg.batch.per_worker, "need at least 1 image per worker")
     _check(cfg.batch.workers is None or cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers,
            "need at least 1 worker")
@@ -218,10 +279,11 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.schedule.name in ("step", "cosine"), "schedule.name", cfg.schedule.name, "valid: step, cosine")
     _check(all(0 < m < 1 for m in cfg.schedule.milestones), "schedule.milestones", list(cfg.schedule.milestones),
            "milestones are fractions of training, each between 0 and 1")
-    _check(cfg.schedule.warmup_epochs >= 0, "schedule.warmup_epochs", cfg.schedule.warmup_epochs, "must be >= 0")
+    _check(0 <= cfg.schedule.warmup_epochs <= cfg.trainer.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
+           f"must be in [0, trainer.epochs={cfg.trainer.epochs}]")
     _check(cfg.optim.base_batch >= 1, "optim.base_batch", cfg.optim.base_batch, "must be >= 1")
-    _check(cfg.optim.base_lr > 0, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
-    _check(cfg.optim.lr is None or cfg.optim.lr > 0, "optim.lr", cfg.optim.lr,
+    _check(0 < cfg.optim.base_lr < INF, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
+    _check(cfg.optim.lr is None or 0 < cfg.optim.lr < INF, "optim.lr", cfg.optim.lr,
            "must be > 0, or null for the linear scaling rule")
     _check(cfg.data.eval_batch >= 1, "data.eval_batch", cfg.data.eval_batch, "must be >= 1")
     _check(cfg.data.crop_padding is None or cfg.data.crop_padding >= 0, "data.crop_padding", cfg.data.crop_padding,

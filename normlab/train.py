@@ -14,13 +14,17 @@ sweep goes on; its run directory says what happened.
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from normlab import search_path, sweep
 from normlab.config import register_configs
@@ -31,6 +35,32 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 search_path.register()
+
+
+def config_groups() -> str:
+    """'group: option, ...' per user-facing group (conf/ and experiments/), for --help: no schema names."""
+    root = Path(CONFIG_DIR)
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in root.iterdir()
+              if d.is_dir() and d.name != "hydra"}
+    groups["experiment"] = sorted(p.stem for p in search_path.EXPERIMENTS_DIR.glob("*.yaml"))
+    return "\n".join(f"{group}: {', '.join(options)}" for group, options in sorted(groups.items()))
+
+
+OmegaConf.register_new_resolver("normlab_config_groups", config_groups, replace=True)
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's or OmegaConf's composition error as one line: what was asked, why it failed, what is valid."""
+    text = str(error)
+    cause = error.__cause__ if error.__cause__ is not None else None
+    if cause is not None and str(cause) and str(cause) not in text:
+        text = f"{text}: {cause}"
+    text = text.split("\nConfig search path:")[0]
+    text = re.sub(r"\n\s*Available options in '([^']+)':\s*", r"; valid options for \1: ", text)
+    text = re.sub(r"\n\s*(full_key|object_type|reference_type)=.*", "", text)
+    options = re.sub(r"\s*\n\s*", ", ", text.strip())
+    options = re.sub(r"(valid options for [^:]+): , ", r"\1: ", options)
+    return options.replace("., ", ". ").replace("In 'train': ", "")
 
 
 def in_multirun() -> bool:
@@ -67,5 +97,16 @@ def main(cfg: DictConfig) -> str:
     return "skipped" if summary is None else summary["status"]
 
 
+def cli() -> None:
+    """``normlab-train``: the app, with Hydra's own errors (an unknown option, a wrong type, a misspelt key)
+    as one line and exit code 2, like normlab's."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; said here once, plainly
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -165,8 +165,8 @@ def test_per_worker_batch_of_one_is_fine_where_feature_maps_are_larger():
 ])
 def test_unknown_group_names_fail_with_hydras_message(args, message):
     result = run_cli(*args, "--cfg", "job")
-    assert result.returncode != 0 and message in result.stderr
-    assert "Available options" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
+    assert "valid options for " in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_input_on_the_cli_is_a_short_message_and_exit_2(tmp_path: Path):
@@ -199,3 +199,59 @@ def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(ti
     assert host_synced_norm(cumulative) and not resolve_cuda_graph("auto", cuda, False, host_synced_norm(cumulative))
     per_worker = tiny("norm=bn", "norm.momentum=null", "batch.workers=2")  # per-worker BN keeps the count on device
     assert not host_synced_norm(per_worker) and resolve_cuda_graph("auto", cuda, False, host_synced_norm(per_worker))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.weight_decay=-1e-4", r"optim\.weight_decay=-0\.0001 is invalid: must be >= 0"),
+    ("optim.momentum=1.5", r"optim\.momentum=1\.5 is invalid: must be in \[0, 1\)"),
+    ("schedule.gamma=-0.1", r"schedule\.gamma=-0\.1 is invalid: must be in \(0, 1\]"),
+    ("schedule.min_lr_factor=-1", r"schedule\.min_lr_factor=-1\.0 is invalid"),
+    ("schedule.warmup_start_factor=0", r"schedule\.warmup_start_factor=0\.0 is invalid"),
+    ("schedule.warmup_epochs=99", r"schedule\.warmup_epochs=99\.0 is invalid: must be in \[0, trainer\.epochs=30\]"),
+    ("seed=-1", r"seed=-1 is invalid: must be an integer in \[0, 2\^32\)"),
+    ("seed=4294967296", r"seed=4294967296 is invalid"),
+    ("optim.base_lr=inf", r"optim\.base_lr=inf is invalid: must be > 0"),
+    ("optim.lr=nan", r"optim\.lr=nan is invalid"),
+    ("norm.momentum=2", r"norm\.momentum=2\.0 is invalid: must be in \[0, 1\]"),
+    ("data.in_memory_max_gb=-1", r"data\.in_memory_max_gb=-1\.0 is invalid"),
+    ("data.train_subset=0", r"data\.train_subset=0 is invalid"),
+    ("+trainer.epoch=3", r"trainer\.epoch is not a normlab key .*did you mean trainer\.epochs\?"),
+    ("+seedz=1", r"seedz is not a normlab key .*did you mean seed\?"),
+])
+def test_out_of_range_values_and_unknown_keys_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config([override]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("norm=bogus", r"Could not find 'norm/bogus'; valid options for norm: bn, brn, .*gn8"),
+    ("optim.momentum=fast", r"optim\.momentum=fast: Value 'fast' of type 'str' could not be converted to Float"),
+    ("trainer.epoch=3", r"Could not override 'trainer\.epoch'\. To append to your config use \+trainer\.epoch=3"),
+])
+def test_hydras_own_errors_come_out_as_one_line_with_exit_code_2(override, message):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", "from normlab.train import cli; cli()", override],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("normlab-train: error: "), result.stderr
+    import re
+    assert re.search(message, lines[0]), lines[0]
+    assert "_schema" not in result.stderr
+
+
+def test_help_lists_the_config_groups_without_schema_names():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", "from normlab.train import cli; cli()", "--help"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0
+    assert "norm: bn, brn, evonorm_b0" in result.stdout and "experiment: demo" in result.stdout
+    assert "schema" not in result.stdout.split("== Config ==")[0]
