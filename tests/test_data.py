@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from normlab import data as datasets
-from normlab.config import ConfigError, DataConfig
+from normlab.config import DataConfig
+from normlab.errors import ConfigError
 from normlab.data.device_loader import DeviceLoader, Normalize, epoch_generator, random_crop_flip
 
 CIFAR10_JPEG = os.environ.get("NORMLAB_CIFAR10_JPEG", str(Path(__file__).resolve().parents[2] / "shared" / "data" /
@@ -266,3 +267,48 @@ def test_imagefolder_cache_follows_the_files_and_ignores_archive_metadata(tmp_pa
     before = cache_path(cfg, selection)
     Image.new("RGB", (12, 10)).save(tmp_path / "t" / "train" / "cat" / "0099.png")
     assert cache_path(cfg, select(cfg)) != before
+
+
+# ---------------------------------------------------------------- hostile or damaged image trees
+
+def make_tree(root: Path) -> Path:
+    write_image_tree(root)
+    return root
+
+
+def test_an_image_that_does_not_decode_names_the_tree_and_the_member(tmp_path):
+    tree = make_tree(tmp_path / "t")
+    bad = next((tree / "train").rglob("*.png"))
+    bad.write_bytes(b"not an image")
+    zipped = zip_tree(tree, tmp_path / "t.zip")
+    for root in (tree, zipped):
+        cfg = data_cfg(name="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
+        with pytest.raises(ConfigError, match=rf"'train/{bad.parent.name}/{bad.name}' in data\.root=.* is not a "
+                                               r"readable image \(UnidentifiedImageError"):
+            datasets.SOURCES["imagefolder"]().load(cfg)
+
+
+def test_a_corrupt_archive_names_the_file(tmp_path):
+    path = tmp_path / "broken.zip"
+    path.write_bytes(b"PK\x03\x04 but not really a zip")
+    with pytest.raises(ConfigError, match=r"data\.root='.*broken\.zip' is not a readable zip archive \(BadZipFile"):
+        datasets.describe(data_cfg(name="imagefolder", root=str(path)))
+
+
+def test_a_member_that_leaves_its_folder_is_refused_by_name(tmp_path):
+    tree = make_tree(tmp_path / "t")
+    path = zip_tree(tree, tmp_path / "t.zip")
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("../../train/a/x.png", next((tree / "train").rglob("*.png")).read_bytes())
+    with pytest.raises(ConfigError, match=r"a member whose path leaves its folder: '\.\./\.\./train/a/x\.png'"):
+        datasets.describe(data_cfg(name="imagefolder", root=str(path)))
+
+
+def test_a_class_missing_from_one_split_is_named(tmp_path):
+    tree = make_tree(tmp_path / "t")
+    first = sorted((tree / "val").iterdir())[0]
+    for image in first.iterdir():
+        image.unlink()
+    first.rmdir()
+    with pytest.raises(ConfigError, match=rf"every class needs images in train/ and val/; only in train/: \['{first.name}'\]"):
+        datasets.describe(data_cfg(name="imagefolder", root=str(tree)))

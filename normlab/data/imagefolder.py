@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape, ImageSet
@@ -45,7 +45,11 @@ class ImageTree:
 
     def _archive(self) -> zipfile.ZipFile:
         if self._zip is None or self._zip_pid != os.getpid():  # one handle per process
-            self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+            try:
+                self._zip, self._zip_pid = zipfile.ZipFile(self.path), os.getpid()
+            except (zipfile.BadZipFile, OSError, ValueError) as e:
+                raise ConfigError(f"data.root={str(self.path)!r} is not a readable zip archive "
+                                  f"({type(e).__name__}: {e})") from None
         return self._zip
 
     def __getstate__(self):
@@ -56,7 +60,10 @@ class ImageTree:
         """{split: {class: [file, ...]}} for files at <prefix>/<split>/<class>/<file>."""
         splits: dict[str, dict[str, list[str]]] = {}
         for name in sorted(names):
-            parts = PurePosixPath(name).parts
+            parts = PurePosixPath(name.replace("\\", "/")).parts
+            if ".." in parts or name.startswith(("/", "\\")) or (parts and ":" in parts[0]):
+                raise ConfigError(f"data.root holds a member whose path leaves its folder: {name!r}; such "
+                                  "members are refused (a zip-slip); rebuild the archive without it")
             if len(parts) < 3 or PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             if "__MACOSX" in parts or parts[-1].startswith("."):  # archive metadata, not images
@@ -71,7 +78,12 @@ class ImageTree:
         return (self.path / name).read_bytes()
 
     def open_image(self, name: str) -> Image.Image:
-        return Image.open(io.BytesIO(self.read(name))).convert("RGB")
+        """The image `name`, as RGB; one that does not decode is a ConfigError naming the tree and the member."""
+        try:
+            return Image.open(io.BytesIO(self.read(name))).convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise ConfigError(f"{name!r} in data.root={str(self.path)!r} is not a readable image "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def fit(image: Image.Image, size: int) -> Image.Image:
@@ -122,6 +134,15 @@ def select(cfg) -> Selection:
         raise ConfigError(f"data.root={cfg.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "
                           f"val/ or test/, each with one folder of images per class")
     available = sorted(tree.splits["train"])
+    unmatched = sorted(set(available) ^ set(tree.splits[test_split]))
+    if unmatched:
+        only_train = [c for c in unmatched if c in tree.splits["train"]]
+        only_test = [c for c in unmatched if c not in tree.splits["train"]]
+        raise ConfigError(f"data.root={cfg.root!r}: every class needs images in train/ and {test_split}/; "
+                          + "; ".join(part for part in (
+                              f"only in train/: {only_train[:10]}" if only_train else "",
+                              f"only in {test_split}/: {only_test[:10]}" if only_test else "") if part)
+                          + " (data.classes can pick classes that have both)")
     if cfg.classes:
         missing = [c for c in cfg.classes if c not in available]
         if missing:
@@ -184,8 +205,10 @@ class ImageFolderSource:
         selection = select(cfg)
         path = cache_path(cfg, selection)
         if path.exists():
-            cached = torch.load(path)
-            return ImageSet(**cached)
+            try:  # tensors and a list of names only: a planted or damaged cache runs nothing, and is redone
+                return ImageSet(**torch.load(path, weights_only=True))
+            except Exception:  # noqa: BLE001
+                path.unlink(missing_ok=True)
         train_images, train_labels = decode(selection, "train")
         test_images, test_labels = decode(selection, selection.test_split)
         image_set = ImageSet(train_images, train_labels, test_images, test_labels, selection.classes)
