@@ -67,8 +67,12 @@ class Cifar:
 
         cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
         root = os.path.expanduser(cfg.root or "data")
-        train = cls(root, train=True, download=cfg.download)
-        test = cls(root, train=False, download=cfg.download)
+        try:  # torchvision checks each file's md5 before it unpickles anything: a planted file never loads
+            train = cls(root, train=True, download=cfg.download)
+            test = cls(root, train=False, download=cfg.download)
+        except RuntimeError as e:
+            raise ConfigError(f"data.root={root!r}: torchvision's CIFAR-{self.num_classes} files there do not pass "
+                              f"its checksums ({e}); delete them and set data.download=true") from None
         return ImageSet(from_hwc(train.data), torch.tensor(train.targets), from_hwc(test.data),
                         torch.tensor(test.targets), list(train.classes))
 
