@@ -7,7 +7,8 @@
 #   bash scripts/reproduce_cifar10_norm_batch.sh data=cifar10 data.download=true     # torchvision's CIFAR-10
 #   PART=grid (or PART=budget) runs one part; FRESH=1 empties its sweep folders first.
 # Extra arguments go to every sweep. An interrupted rerun resumes: finished jobs of the same config are skipped.
-# Nothing is published unless every job of the part finished.
+# Nothing is published unless every job of the part finished. The normlab next to this script runs (python -m),
+# so a clean checkout of a commit (a git worktree) reproduces that commit, whatever else is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${PART:-all}
@@ -19,7 +20,7 @@ metric=val_error  # the final epoch's error: the runs are short and cosine-decay
 sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended to LOG
   local dir=$1 log=$2
   shift 2
-  normlab-train -m "hydra.sweep.dir=$dir" "$@" 2>&1 | tee -a "$log"
+  "${PYTHON:-python}" -m normlab.train -m "hydra.sweep.dir=$dir" "$@" 2>&1 | tee -a "$log"
 }
 
 finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or diverged)
@@ -36,7 +37,7 @@ if [ "$part" = all ] || [ "$part" = grid ]; then
   sweep "$grid" "$log" experiment=gn_norm_batch_small norm=gn8,ln,in batch.per_worker=32,2 "$@"
   echo "grid wall time: $((SECONDS - start)) s" | tee -a "$log"
   finished "$log" || { echo "grid not published: some jobs did not finish (see $log)" >&2; exit 1; }
-  normlab-report "$grid" --out "$publish" --metric "$metric"
+  "${PYTHON:-python}" -m normlab.cli "$grid" --out "$publish" --metric "$metric"
 fi
 if [ "$part" = all ] || [ "$part" = budget ]; then
   [ "${FRESH:-0}" = 1 ] && rm -rf "$budget"
@@ -48,5 +49,5 @@ if [ "$part" = all ] || [ "$part" = budget ]; then
   sweep "$budget" "$log" experiment=gn_norm_batch_budget norm=gn8 batch.per_worker=32 "$@"
   echo "budget wall time: $((SECONDS - start)) s" | tee -a "$log"
   finished "$log" || { echo "budget study not published: some jobs did not finish (see $log)" >&2; exit 1; }
-  normlab-report "$budget" --out "$publish/budget" --metric "$metric"
+  "${PYTHON:-python}" -m normlab.cli "$budget" --out "$publish/budget" --metric "$metric"
 fi

@@ -62,7 +62,8 @@ def fig_budget(table: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, nam
     if table.empty:
         return []
     big, small = (c.split("_N")[1] for c in table.columns if c.startswith("bn_N"))
-    x = table["steps"] if table["steps"].notna().all() else table["epochs"]
+    by_steps = bool(table["steps"].notna().all())
+    x = table["steps"] if by_steps else table["epochs"]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6, 4.2))
         ax.plot(x, table["gn_lag"], marker="o", linewidth=2, color="#d62728", label=f"GN − BN(N={big}): GN's lag")
@@ -73,8 +74,8 @@ def fig_budget(table: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, nam
         ax.set_xticks(list(x))
         ax.set_xticklabels([str(int(v)) for v in x])
         ax.minorticks_off()
-        ax.set_xlabel("training steps" if x is table["steps"] else "epochs")
-        ax.set_ylabel(f"difference in {METRICS[metric].label.split(',')[0]} (points)")
+        ax.set_xlabel("training steps (one run each, its own schedule)" if by_steps else "epochs")
+        ax.set_ylabel(f"difference in {METRICS[metric].label.split(',')[0].replace(' (%)', '')} (points)")
         ax.set_title("The crossing vs the training budget", fontsize=11)
         ax.legend(frameon=False)
         return save(fig, out / name, ("png", "pdf"))
