@@ -109,6 +109,13 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    bn_stats: str = "ema"  # ema | precise | batch: which statistics BN normalizes the test images with
+    precise_images: int = 4096  # precise: training images the population statistics are recomputed from
+    compare_bn_stats: bool = False  # evaluate every mode each time: val_error_ema/_precise/_batch columns
+
+
+@dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
     project: str = "normlab"
@@ -127,6 +134,7 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     schedule: ScheduleConfig = MISSING
     trainer: TrainerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = MISSING
     seed: int = 0
     name: str = "train"  # the experiment's name: W&B group, results/<name>/...
@@ -174,7 +182,8 @@ def schema_defaults(norm_name: str) -> dict[str, Any]:
     """Every key's default, as a nested dict: what a config saved before a key existed would have held."""
     groups = {group: OmegaConf.to_container(OmegaConf.structured(schema)) for group, schema in GROUP_SCHEMAS.items()}
     norm = OmegaConf.to_container(OmegaConf.structured(norm_schema(norm_name))) if norm_name in REGISTRY else {}
-    return {**groups, "norm": norm, "batch": OmegaConf.to_container(OmegaConf.structured(BatchConfig))}
+    return {**groups, "norm": norm, "batch": OmegaConf.to_container(OmegaConf.structured(BatchConfig)),
+            "eval": OmegaConf.to_container(OmegaConf.structured(EvalConfig))}
 
 
 # ---------------------------------------------------------------- derived values
@@ -221,6 +230,7 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "schedule.min_lr_factor": ("[", 0, 1, "in [0, 1]: the final lr as a fraction of the peak"),
     "schedule.warmup_start_factor": ("(", 0, 1, "in (0, 1]"),
     "norm.momentum": ("[", 0, 1, "in [0, 1], or null for a cumulative average"),
+    "eval.precise_images": ("[", 1, INF, ">= 1"),
     "norm.r_max": ("[", 1, INF, ">= 1"),
     "norm.d_max": ("[", 0, INF, ">= 0"),
     "norm.warmup_steps": ("[", 0, INF, ">= 0"),
@@ -240,7 +250,7 @@ def _check_ranges(cfg: DictConfig) -> None:
 
 def _check_known_keys(cfg: DictConfig) -> None:
     """A key no schema has (a misspelt one, added with '+') is refused, naming the keys that exist."""
-    nodes = {"": TrainConfig, "batch": BatchConfig, **GROUP_SCHEMAS}
+    nodes = {"": TrainConfig, "batch": BatchConfig, "eval": EvalConfig, **GROUP_SCHEMAS}
     for prefix, schema in nodes.items():
         node = cfg if not prefix else cfg.get(prefix)
         if not isinstance(node, DictConfig):
@@ -297,6 +307,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.logger.name in ("none", "wandb"), "logger.name", cfg.logger.name, "valid: none, wandb")
     _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
            "valid: offline, online, disabled")
+    _check(cfg.eval.bn_stats in ("ema", "precise", "batch"), "eval.bn_stats", cfg.eval.bn_stats,
+           "valid: ema, precise, batch")
+    if cfg.eval.bn_stats != "ema" or cfg.eval.compare_bn_stats:
+        spec = REGISTRY[cfg.norm.name]
+        _check(not spec.batch_dependent or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
+               f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
+               "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
     _check_device(cfg.trainer.device)
     _check(not cfg.trainer.compile or REGISTRY[cfg.norm.name].compile_safe, "trainer.compile", cfg.trainer.compile,
            f"torch.compile does not match eager for norm={cfg.norm.name} (tests/test_compile.py); "

@@ -70,23 +70,18 @@ def in_multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> str:
     """One job. Returns its outcome for the sweep's callbacks: the summary's status, "skipped" (already
-    done), "invalid" or "failed" (a multirun goes on past both)."""
+    done), "invalid", "busy" (another process holds its folder) or "failed" (a multirun goes on past all three)."""
     from normlab.engine.trainer import train
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         with sweep.share_machine(cfg):  # parallel jobs: a CPU-threads budget each, a GPU each
             summary = train(cfg, run_dir)  # validates first: ConfigError before anything is read
-    except RunFolderBusy as e:
+    except ConfigError as e:  # RunFolderBusy too: another process has the folder
         if in_multirun():
-            log.warning("job skipped: %s", e)
-            return "busy"
-        print(f"normlab-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except ConfigError as e:
-        if in_multirun():
-            log.error("invalid job, skipped: %s", e)
-            return "invalid"
+            busy = isinstance(e, RunFolderBusy)
+            log.log(logging.WARNING if busy else logging.ERROR, "%s job, skipped: %s", "busy" if busy else "invalid", e)
+            return "busy" if busy else "invalid"
         print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()

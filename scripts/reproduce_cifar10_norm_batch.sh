@@ -27,27 +27,27 @@ finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or 
   ! grep -E "sweep finished: " "$1" | grep -qE "invalid|failed|busy"
 }
 
-if [ "$part" = all ] || [ "$part" = grid ]; then
-  [ "${FRESH:-0}" = 1 ] && rm -rf "$grid"
-  mkdir -p "$grid"
-  log="$grid/sweeps.log"
+part_run() {  # part_run NAME DIR OUT SWEEP_ARGS -- SECOND_SWEEP_ARGS: two sweeps into DIR, then the report to OUT
+  local name=$1 dir=$2 out=$3 first=$4 second=$5
+  shift 5
+  [ "${FRESH:-0}" = 1 ] && rm -rf "$dir"
+  mkdir -p "$dir"
+  local log="$dir/sweeps.log" start=$SECONDS
   : > "$log"
-  start=$SECONDS
-  sweep "$grid" "$log" experiment=gn_norm_batch_small "$@"
-  sweep "$grid" "$log" experiment=gn_norm_batch_small norm=gn8,ln,in batch.per_worker=32,2 "$@"
-  echo "grid wall time: $((SECONDS - start)) s" | tee -a "$log"
-  finished "$log" || { echo "grid not published: some jobs did not finish (see $log)" >&2; exit 1; }
-  "${PYTHON:-python}" -m normlab.cli "$grid" --out "$publish" --metric "$metric"
+  # shellcheck disable=SC2086  # the sweep arguments are words on purpose
+  sweep "$dir" "$log" $first "$@"
+  # shellcheck disable=SC2086
+  sweep "$dir" "$log" $second "$@"
+  echo "$name wall time: $((SECONDS - start)) s" | tee -a "$log"
+  finished "$log" || { echo "$name not published: some jobs did not finish (see $log)" >&2; exit 1; }
+  "${PYTHON:-python}" -m normlab.cli "$dir" --out "$out" --metric "$metric"
+}
+
+if [ "$part" = all ] || [ "$part" = grid ]; then
+  part_run grid "$grid" "$publish" "experiment=gn_norm_batch_small" \
+    "experiment=gn_norm_batch_small norm=gn8,ln,in batch.per_worker=32,2 eval.compare_bn_stats=false" "$@"
 fi
 if [ "$part" = all ] || [ "$part" = budget ]; then
-  [ "${FRESH:-0}" = 1 ] && rm -rf "$budget"
-  mkdir -p "$budget"
-  log="$budget/sweeps.log"
-  : > "$log"
-  start=$SECONDS
-  sweep "$budget" "$log" experiment=gn_norm_batch_budget "$@"
-  sweep "$budget" "$log" experiment=gn_norm_batch_budget norm=gn8 batch.per_worker=32 "$@"
-  echo "budget wall time: $((SECONDS - start)) s" | tee -a "$log"
-  finished "$log" || { echo "budget study not published: some jobs did not finish (see $log)" >&2; exit 1; }
-  "${PYTHON:-python}" -m normlab.cli "$budget" --out "$publish/budget" --metric "$metric"
+  part_run budget "$budget" "$publish/budget" "experiment=gn_norm_batch_budget" \
+    "experiment=gn_norm_batch_budget norm=gn8 batch.per_worker=32 eval.compare_bn_stats=false" "$@"
 fi

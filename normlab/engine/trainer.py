@@ -27,7 +27,8 @@ from normlab import data as datasets
 from normlab.config import host_synced_norm, model_options, norm_options, validate
 from normlab.errors import ConfigError
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
-from normlab.engine.loop import evaluate, train_epoch
+from normlab.engine import bn_eval
+from normlab.engine.loop import train_epoch
 from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
 from normlab.engine.step import CudaGraphStep, TrainStep
 from normlab.engine.optim import build_optimizer, build_schedule
@@ -40,6 +41,7 @@ from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
 
 log = logging.getLogger("normlab")
+PRECISE_EPOCH = 0  # the training images PreciseBN draws: epoch 0's order and crops, which training never uses
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -141,6 +143,8 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
         "val_error": evaluated[-1]["val_error"] if evaluated else None,
         "val_error_median5": median_of_last(evaluated, "val_error"),
         "best_val_error": min((r["val_error"] for r in evaluated), default=None),
+        **{f"val_error_{mode}_median5": median_of_last(evaluated, f"val_error_{mode}")
+           for mode in bn_eval.MODES if any(f"val_error_{mode}" in r for r in evaluated)},
         "epochs": len(rows), "wall_time_s": round(wall_time_s, 3),
         **identity(cfg), **extra,
         "normlab_version": normlab.__version__, "git_commit": git_commit(),
@@ -243,7 +247,9 @@ def run(cfg: DictConfig, records: RunDir) -> dict[str, Any]:
     wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
     resolved = OmegaConf.to_container(cfg, resolve=True)
     logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
-    extra: dict[str, Any] = {"batch_dependent": norm_spec(cfg.norm.name).batch_dependent}
+    dependent = norm_spec(cfg.norm.name).batch_dependent
+    extra: dict[str, Any] = {"batch_dependent": dependent,  # a batch-independent norm's modes are all alike
+                             "bn_stats": cfg.eval.bn_stats if dependent else "n/a (batch-independent norm)"}
     try:
         rt = resolve_runtime(cfg, state)
         extra.update(device=rt.device.type, precision=rt.precision, compiled=bool(cfg.trainer.compile),
@@ -283,6 +289,30 @@ def restore_into(records: RunDir, state: dict, job: Job) -> None:
                            f"{str(e).splitlines()[0]}); moved aside to {aside.name}. Rerun to start over") from None
 
 
+def evaluation(cfg: DictConfig, rt: Runtime, job: Job, epoch: int) -> dict[str, float]:
+    """The epoch's val metrics with BN statistics of eval.bn_stats, and of every mode with eval.compare_bn_stats
+    (columns val_error_<mode>, val_loss_<mode>). The running statistics training keeps are left as they were."""
+    eff = effective(cfg)
+    modes = bn_eval.MODES if cfg.eval.compare_bn_stats else (cfg.eval.bn_stats,)
+    results, seconds = {}, {}
+    for mode in modes:
+        start = time.perf_counter()
+        results[mode] = bn_eval.evaluate_bn(
+            mode, job.model, job.loaders.test.epoch(epoch), train_batches=job.loaders.train.epoch(PRECISE_EPOCH),
+            per_worker=cfg.batch.per_worker, total_batch=eff.total_batch, precise_images=cfg.eval.precise_images,
+            device=rt.device, precision=rt.precision, ema_model=job.forward)
+        seconds[mode] = time.perf_counter() - start  # results are read on the host: the device is done
+    val = results[cfg.eval.bn_stats]
+    row = {"val_loss": val["loss"], "val_error": val["error"]}
+    if job.loaders.shape.num_classes > 10:
+        row["val_error_top5"] = val["error_top5"]
+    if cfg.eval.compare_bn_stats:
+        for mode, result in results.items():
+            row.update({f"val_error_{mode}": result["error"], f"val_loss_{mode}": result["loss"],
+                        f"eval_time_{mode}_s": seconds[mode]})
+    return row
+
+
 def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: list[dict], start_epoch: int,
                wall_time: float, logger, extra: dict) -> tuple[str, float]:
     """Train from `start_epoch` to the end, appending to `rows`; (status, wall time)."""
@@ -301,10 +331,7 @@ def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: li
         if diverged:
             extra["diverged_epoch"] = epoch
         elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
-            val = evaluate(job.forward, job.loaders.test.epoch(epoch), device=rt.device, precision=rt.precision)
-            row.update(val_loss=val["loss"], val_error=val["error"])
-            if job.loaders.shape.num_classes > 10:
-                row["val_error_top5"] = val["error_top5"]
+            row.update(evaluation(cfg, rt, job, epoch))
         rows.append(row)
         append_metrics(records.metrics, row)
         logger.log_epoch(row)

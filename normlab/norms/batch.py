@@ -243,7 +243,11 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, workers={self.workers}"
 
+    eval_chunk: int | None = None  # set (engine.bn_eval): in eval mode, each chunk of this many images by its own stats
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.eval_chunk:
+            return self._chunk_statistics(x, self.eval_chunk)
         uses_batch_stats = self.training or not self.track_running_stats
         if not uses_batch_stats:
             return super().forward(x)
@@ -254,6 +258,15 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
         if self.training and self.track_running_stats:
             self._update_running_stats(mean, var, count=x.shape[0] // self.workers * x.shape[2] * x.shape[3])
         return y
+
+    def _chunk_statistics(self, x: torch.Tensor, per_chunk: int) -> torch.Tensor:
+        """Each chunk of `per_chunk` images normalized by its own statistics (a last, smaller chunk by its own);
+        the running statistics are neither read nor updated."""
+        full = x.shape[0] // per_chunk * per_chunk
+        parts = [(x[:full], full // per_chunk)] * bool(full) + [(x[full:], 1)] * (full < x.shape[0])
+        outs = [_PerWorkerBatchNormFn.apply(part, self.weight, self.bias, chunks, self.eps)[0]
+                for part, chunks in parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:

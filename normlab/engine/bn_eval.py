@@ -1,0 +1,101 @@
+"""BN at test time: which statistics normalize the test images (``eval.bn_stats``).
+
+- ``ema``: the running averages BN kept during training (torch's default).
+- ``precise``: population statistics recomputed before the evaluation from ``eval.precise_images`` training
+  images, passed through the model in train mode at training's own N and W, and averaged over every worker
+  and step: each statistic is what training's BN saw (PreciseBN, Wu & Johnson 2021, Sec. 3).
+- ``batch``: each test batch normalized by its own statistics in chunks of N, as in training: no running
+  statistics at all (train/test consistent). The test set's order is fixed, so this is deterministic.
+
+fvcore's ``update_bn_stats`` is the usual tool for ``precise``; it is not used because it pools each step's
+whole-batch mean and variance, which for per-worker BN drops the spread of the W workers' means from the
+variance. Here each layer's own update does the averaging (``momentum=None``: a cumulative average of the
+per-worker statistics). Either way the running statistics that training keeps are restored afterwards, in
+place (a CUDA graph keeps reading the same tensors), so training goes on as if nothing had happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from normlab.engine.loop import evaluate
+from normlab.engine.step import autocast
+from normlab.norms import PerWorkerBatchNorm2d
+
+MODES = ("ema", "precise", "batch")
+
+
+def bn_layers(model: nn.Module) -> list[PerWorkerBatchNorm2d]:
+    return [m for m in model.modules() if isinstance(m, PerWorkerBatchNorm2d) and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def kept_running_stats(model: nn.Module) -> Iterator[None]:
+    """Every BN buffer (running mean, var, step count) and momentum as it was, on the way out."""
+    layers = bn_layers(model)
+    saved = [([b.detach().clone() for b in layer.buffers(recurse=False)], layer.momentum) for layer in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, (buffers, momentum) in zip(layers, saved):
+                for buffer, value in zip(layer.buffers(recurse=False), buffers):
+                    buffer.copy_(value)
+                layer.momentum = momentum
+
+
+@torch.no_grad()
+def precise_statistics(model: nn.Module, batches: Iterable, steps: int, *, device: torch.device,
+                       precision: str) -> None:
+    """Replace each BN layer's running statistics by their average over `steps` training batches, in train mode."""
+    layers = bn_layers(model)
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # a cumulative average of the per-worker statistics
+    was_training = model.training
+    model.train()
+    for images, _labels in itertools.islice(batches, steps):
+        with autocast(device, precision):
+            model(images)
+    model.train(was_training)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module, per_worker: int) -> Iterator[None]:
+    """In eval mode, every BN layer normalizes each chunk of `per_worker` images by that chunk's statistics."""
+    layers = bn_layers(model)
+    for layer in layers:
+        layer.eval_chunk = per_worker
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.eval_chunk = None
+
+
+def precise_steps(images: int, total_batch: int) -> int:
+    return max(1, math.ceil(images / total_batch))
+
+
+def evaluate_bn(mode: str, model: nn.Module, test_batches: Iterable, *, train_batches: Iterable | None,
+                per_worker: int, total_batch: int, precise_images: int, device: torch.device,
+                precision: str, ema_model: nn.Module | None = None) -> dict[str, float]:
+    """Evaluate with BN statistics of `mode`; the running statistics are left as they were.
+
+    `ema_model` is what ``ema`` evaluates (the compiled forward, if any); the other modes use the eager `model`.
+    """
+    if mode == "ema":
+        return evaluate(ema_model or model, test_batches, device=device, precision=precision)
+    with kept_running_stats(model):
+        if mode == "precise":
+            precise_statistics(model, train_batches, precise_steps(precise_images, total_batch), device=device,
+                               precision=precision)
+            return evaluate(model, test_batches, device=device, precision=precision)
+        with batch_statistics(model, per_worker):
+            return evaluate(model, test_batches, device=device, precision=precision)
