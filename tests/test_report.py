@@ -308,3 +308,22 @@ def test_a_malformed_runs_csv_is_listed_as_unreadable(tmp_path, content, reason)
     runs = collect([path])
     assert list(runs["status"]) == ["unreadable"] and reason in runs["problem"].iloc[0]
     assert report_main([str(path), "--out", str(tmp_path / "out")]) == 0
+
+
+def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mode(tmp_path):
+    errors = {(32, "ema"): 20.0, (32, "precise"): 19.0, (32, "batch"): 21.0,
+              (2, "ema"): 35.0, (2, "precise"): 30.0, (2, "batch"): 26.0}
+    for seed in (0, 1):
+        for n in (32, 2):
+            modes = {f"val_error_{m}_median5": errors[(n, m)] + seed for m in ("ema", "precise", "batch")}
+            fixed_total_run(tmp_path, "bn", n, seed, errors[(n, "ema")] + seed, **modes)
+            fixed_total_run(tmp_path, "gn", n, seed, 24.0 + seed)
+    assert report_main([str(tmp_path)]) == 0
+    table = (tmp_path / "report" / "table_bn_eval.md").read_text()
+    assert "| BN, ema | 20.5 ± 0.7 | 35.5 ± 0.7 | +15.0 |" in table
+    assert "| BN, precise | 19.5 ± 0.7 | 30.5 ± 0.7 | +11.0 |" in table
+    assert "| BN, batch | 21.5 ± 0.7 | 26.5 ± 0.7 | +5.0 |" in table
+    assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
+    assert (tmp_path / "report" / "fig_bn_eval.png").is_file()
+    assert report_main([str(tmp_path), "--metric", "val_error_batch_median5", "--out", str(tmp_path / "b")]) == 0
+    assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in (tmp_path / "b" / "table_batch_size.md").read_text()

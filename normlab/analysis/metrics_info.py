@@ -22,6 +22,10 @@ METRICS = {m.name: m for m in (
     Metric("best_val_error", "best top-1 val error (%)"),
     Metric("train_error", "train error (%)"),
     Metric("val_error_top5", "top-5 val error (%)"),
+    *(Metric(f"val_error_{mode}_median5", f"top-1 error (%) with {what} BN statistics, median of last 5 evaluations")
+      for mode, what in (("ema", "EMA"), ("precise", "precise"), ("batch", "batch"))),
+    *(Metric(f"val_error_{mode}", f"final top-1 val error (%) with {what} BN statistics")
+      for mode, what in (("ema", "EMA"), ("precise", "precise"), ("batch", "batch"))),
     Metric("per_worker_batch", "images per worker (N)", "{:.0f}"),
     Metric("groups", "groups (G)", "{:.0f}"),
     Metric("group_size", "channels per group", "{:.0f}"),
@@ -29,7 +33,8 @@ METRICS = {m.name: m for m in (
     Metric("wall_time_s", "wall time (s)", "{:.0f}"),
 )}
 
-RUN_METRICS = ("val_error_median5", "val_error", "best_val_error")  # per-run errors the tables can show
+RUN_METRICS = ("val_error_median5", "val_error", "best_val_error",  # per-run errors the tables can show
+               *(f"val_error_{mode}{suffix}" for mode in ("ema", "precise", "batch") for suffix in ("_median5", "")))
 
 # The paper's colors as far as it has them: BN blue, GN red; then a fixed palette for the rest.
 NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",

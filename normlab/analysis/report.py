@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.analysis import budget, figures, tables
+from normlab.analysis import bn_eval, budget, figures, tables
 from normlab.analysis.claims import Cells, findings, findings_markdown
 from normlab.analysis.collect import collect_curves, write_runs
 from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label
@@ -82,6 +82,14 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str = tables.DEFAULT_MET
             (f"Table 2: error per batch size, ours{heading}",
              f"{METRICS[metric].label}, mean ± std over seeds.\n\n{t2_md}"),
         ]
+        if bn_eval.has_modes(subset, metric):
+            long = bn_eval.long_by_mode(subset, metric)
+            table_md = bn_eval.bn_eval_markdown(bn_eval.bn_eval_table(long), metric)
+            (out / f"table_bn_eval{suffix}.md").write_text(table_md)
+            written["tables"].append(out / f"table_bn_eval{suffix}.md")
+            written["figures"] += bn_eval.fig_bn_eval(long, out, metric, f"fig_bn_eval{suffix}")
+            sections.append((f"BN at test time: EMA, precise and batch statistics{heading}",
+                             table_md + f"\n![fig_bn_eval{suffix}](fig_bn_eval{suffix}.png)\n"))
         curves = collect_curves(tables.main_setting(subset))  # one curve per batch size: no ablation blended in
         curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
         for norm in curve_norms:

@@ -143,8 +143,9 @@ def summarize(cfg: DictConfig, rows: list[dict], status: str, wall_time_s: float
         "val_error": evaluated[-1]["val_error"] if evaluated else None,
         "val_error_median5": median_of_last(evaluated, "val_error"),
         "best_val_error": min((r["val_error"] for r in evaluated), default=None),
-        **{f"val_error_{mode}_median5": median_of_last(evaluated, f"val_error_{mode}")
-           for mode in bn_eval.MODES if any(f"val_error_{mode}" in r for r in evaluated)},
+        **{key: value for mode in bn_eval.MODES if any(f"val_error_{mode}" in r for r in evaluated)
+           for key, value in ((f"val_error_{mode}", evaluated[-1].get(f"val_error_{mode}")),
+                              (f"val_error_{mode}_median5", median_of_last(evaluated, f"val_error_{mode}")))},
         "epochs": len(rows), "wall_time_s": round(wall_time_s, 3),
         **identity(cfg), **extra,
         "normlab_version": normlab.__version__, "git_commit": git_commit(),

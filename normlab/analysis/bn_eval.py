@@ -1,0 +1,94 @@
+"""BN's error per evaluation mode (EMA, precise, batch statistics) vs images per worker, from runs that compared them
+(``eval.compare_bn_stats``): how much of BN's small-batch rise is its test-time statistics, and how much is left
+when evaluation is consistent with training. GN's line is drawn for reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from normlab.analysis.figures import STYLE, _band, _log2_axis, plt, save
+from normlab.analysis.metrics_info import METRICS, norm_color, norm_label
+from normlab.analysis.tables import _cell, finished, main_setting, stats
+
+MODES = {"ema": "EMA (running averages)", "precise": "precise (recomputed population statistics)",
+         "batch": "batch statistics (as in training)"}
+STYLES = {"ema": "-", "precise": "--", "batch": ":"}
+
+
+def mode_column(metric: str, mode: str) -> str:
+    """The per-mode column of a metric: val_error_median5 → val_error_ema_median5, val_error → val_error_ema."""
+    return metric.replace("val_error", f"val_error_{mode}", 1)
+
+
+def long_by_mode(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (run, mode) of the BN runs that compared modes, and one per reference run (GN), tidy."""
+    runs = main_setting(runs)
+    frames = []
+    for mode in MODES:
+        column = mode_column(metric, mode)
+        if column in runs:
+            bn = runs[(runs["norm"] == "bn") & runs[column].notna()]
+            frames.append(bn.assign(mode=mode, value=pd.to_numeric(bn[column], errors="coerce")))
+    if not frames:
+        return pd.DataFrame()
+    reference = runs[runs["norm"] == "gn"]
+    frames.append(reference.assign(mode="reference", value=pd.to_numeric(reference[metric], errors="coerce")))
+    return pd.concat(frames, ignore_index=True).dropna(subset=["value"])
+
+
+def bn_eval_table(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows: BN per mode (and GN); columns: N, largest first; cells (mean, std, n); a last column, the rise."""
+    if long.empty:
+        return pd.DataFrame()
+    s = stats(long, ["mode", "norm", "per_worker_batch"], "value")
+    batches = sorted(s["per_worker_batch"].unique(), reverse=True)
+    rows = {}
+    for (mode, norm), cell in s.groupby(["mode", "norm"], sort=False):
+        cell = cell.set_index("per_worker_batch")
+        label = f"{norm_label(norm)}, {mode}" if mode != "reference" else norm_label(norm)
+        rows[label] = {int(b): (cell.loc[b, "mean"], cell.loc[b, "std"], int(cell.loc[b, "n"])) if b in cell.index
+                       else None for b in batches}
+        big, small = max(batches), min(batches)
+        rise = (cell.loc[small, "mean"] - cell.loc[big, "mean"]) if {big, small} <= set(cell.index) else None
+        rows[label][f"rise {big}→{small}"] = rise
+    return pd.DataFrame(rows).T
+
+
+def bn_eval_markdown(table: pd.DataFrame, metric: str) -> str:
+    if table.empty:
+        return "_no runs compared BN's evaluation modes_\n"
+    columns = list(table.columns)
+    lines = ["| BN evaluated with \\ N | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]
+    for label, row in table.iterrows():
+        cells = [_cell(None if isinstance(v, float) and pd.isna(v) else v) for v in row.iloc[:-1]]
+        rise = row.iloc[-1]
+        cells.append("–" if rise is None or pd.isna(rise) else f"{rise:+.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return f"{METRICS[metric].label}, mean ± std over seeds.\n\n" + "\n".join(lines) + "\n"
+
+
+def fig_bn_eval(long: pd.DataFrame, out: Path, metric: str, name: str = "fig_bn_eval") -> list[Path]:
+    if long.empty:
+        return []
+    s = stats(long, ["mode", "norm", "per_worker_batch"], "value")
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for (mode, norm), line in s.groupby(["mode", "norm"], sort=False):
+            line = line.sort_values("per_worker_batch", ascending=False)
+            label = f"BN, {MODES[mode]}" if mode in MODES else f"{norm_label(norm)} (for reference)"
+            _band(ax, line["per_worker_batch"], line, norm_color(norm), label)
+            ax.lines[-1].set_linestyle(STYLES.get(mode, "-"))
+        _log2_axis(ax, s["per_worker_batch"])
+        ax.set_xlabel(METRICS["per_worker_batch"].label)
+        ax.set_ylabel(METRICS[metric].label)
+        ax.set_title("BN at test time: which statistics normalize the test images", fontsize=11)
+        ax.legend(frameon=False, fontsize=9)
+        return save(fig, out / name, ("png", "pdf"))
+
+
+def has_modes(runs: pd.DataFrame, metric: str) -> bool:
+    return any(mode_column(metric, m) in runs and finished(runs)[mode_column(metric, m)].notna().any()
+               for m in MODES if mode_column(metric, m) in runs)
