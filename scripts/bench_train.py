@@ -308,8 +308,8 @@ def main(argv=None) -> int:
         print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {batch:4d}  {ours_ips:9.0f} {other:>7s} {vs_best:6.2f} "
               f"{'–' if ref is None else f'{ref_ips:.0f}':>9s} {'–' if ratio is None else f'{ratio:5.2f}x':>6s}  "
               f"{ours[picked].setting:22s} {memory:>16s}")
-        rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours[picked].setting, round(ours_ips, 1),
-                                      ref_ips and round(ref_ips, 1), ratio and round(ratio, 3),
+        rows.append(dict(zip(header, [model, norm, n, w, batch, name, ours[picked].setting, round(ours_ips, 3),
+                                      ref_ips and round(ref_ips, 3), ratio and round(ratio, 4),
                                       None if len(ips) == 1 else round(ips[not picked], 1), round(vs_best, 3),
                                       m_ours, m_ref])))
         if ref is not None:
