@@ -312,3 +312,12 @@ def test_a_class_missing_from_one_split_is_named(tmp_path):
     first.rmdir()
     with pytest.raises(ConfigError, match=rf"every class needs images in train/ and val/; only in train/: \['{first.name}'\]"):
         datasets.describe(data_cfg(name="imagefolder", root=str(tree)))
+
+
+def test_a_shuffled_test_pass_is_one_fixed_order_of_every_test_image():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
+    loader = DeviceLoader(images, torch.arange(10), 4, Normalize(torch.zeros(1), torch.ones(1), torch.device("cpu")),
+                          train=False)
+    labels = [torch.cat([y for _, y in loader.epoch(e, shuffled=True)]).tolist() for e in (1, 2)]
+    assert labels[0] == labels[1] and sorted(labels[0]) == list(range(10)) and labels[0] != list(range(10))
+    assert torch.cat([y for _, y in loader.epoch(1)]).tolist() == list(range(10))

@@ -77,11 +77,15 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
+        """Training: the epoch's seeded order and augmentation. Test: in order, or (`shuffled`) in one fixed
+        random order, the same for every run: batches that mix the classes, as training's do."""
         if not self.train:
+            order = torch.randperm(self.num_samples, generator=epoch_generator(0, 0, self.images.device),
+                                   device=self.images.device) if shuffled else None
             for start in range(0, self.num_samples, self.batch_size):
-                end = start + self.batch_size
-                yield self.normalize(self.images[start:end]), self.labels[start:end]
+                index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+                yield self.normalize(self.images[index]), self.labels[index]
             return
         generator = epoch_generator(self.seed, epoch, self.images.device)
         order = torch.randperm(self.num_samples, generator=generator, device=self.images.device)

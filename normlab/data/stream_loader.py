@@ -49,10 +49,11 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.num_samples // self.batch_size if self.train else -(-self.num_samples // self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
         sampler = None
-        if self.train:
-            sampler = RandomSampler(self.dataset, generator=epoch_generator(self.seed, epoch, torch.device("cpu")))
+        if self.train or shuffled:  # a shuffled test pass: one fixed order, the same for every run
+            seed, index = (self.seed, epoch) if self.train else (0, 0)
+            sampler = RandomSampler(self.dataset, generator=epoch_generator(seed, index, torch.device("cpu")))
         loader = DataLoader(self.dataset, self.batch_size, sampler=sampler, drop_last=self.train,
                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)

@@ -5,7 +5,9 @@
   images, passed through the model in train mode at training's own N and W, and averaged over every worker
   and step: each statistic is what training's BN saw (PreciseBN, Wu & Johnson 2021, Sec. 3).
 - ``batch``: each test batch normalized by its own statistics in chunks of N, as in training: no running
-  statistics at all (train/test consistent). The test set's order is fixed, so this is deterministic.
+  statistics at all (train/test consistent). The test set is read in one fixed random order, the same for every
+  run, so this is deterministic; in its stored order (class by class) each chunk would hold one class, and its
+  statistics would carry the label.
 
 fvcore's ``update_bn_stats`` is the usual tool for ``precise``; it is not used because it pools each step's
 whole-batch mean and variance, which for per-worker BN drops the spread of the W workers' means from the

@@ -299,7 +299,8 @@ def evaluation(cfg: DictConfig, rt: Runtime, job: Job, epoch: int) -> dict[str, 
     for mode in modes:
         start = time.perf_counter()
         results[mode] = bn_eval.evaluate_bn(
-            mode, job.model, job.loaders.test.epoch(epoch), train_batches=job.loaders.train.epoch(PRECISE_EPOCH),
+            mode, job.model, job.loaders.test.epoch(epoch, shuffled=mode == "batch"),  # chunks that mix classes
+            train_batches=job.loaders.train.epoch(PRECISE_EPOCH),
             per_worker=cfg.batch.per_worker, total_batch=eff.total_batch, precise_images=cfg.eval.precise_images,
             device=rt.device, precision=rt.precision, ema_model=job.forward)
         seconds[mode] = time.perf_counter() - start  # results are read on the host: the device is done
