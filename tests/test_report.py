@@ -327,3 +327,20 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
     assert (tmp_path / "report" / "fig_bn_eval.png").is_file()
     assert report_main([str(tmp_path), "--metric", "val_error_batch_median5", "--out", str(tmp_path / "b")]) == 0
     assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in (tmp_path / "b" / "table_batch_size.md").read_text()
+
+
+NORM_BATCH = REPO / "results" / "reference" / "cifar10_norm_batch"
+
+
+@pytest.mark.parametrize("folder, tables", [
+    (NORM_BATCH, ("table_batch_size.md", "table_batch_size.tex", "table_bn_eval.md")),
+    (NORM_BATCH / "budget", ("table_budget_fixed_total.md", "table_batch_size_fixed_total_4ep.md")),
+    (REPO / "results" / "reference" / "cifar10_bn_eval", ("table_bn_eval.md",)),
+])
+def test_the_published_fixed_total_studies_regenerate_from_their_runs_csv(tmp_path, folder, tables):
+    assert (folder / "runs.csv").exists(), f"{folder} is a published study"
+    assert report_main([str(folder / "runs.csv"), "--out", str(tmp_path), "--metric", "val_error"]) == 0
+    for table in tables:
+        assert (tmp_path / table).read_text() == (folder / table).read_text(), table
+    runs = pd.read_csv(folder / "runs.csv")
+    assert set(runs["status"]) == {"done"} and set(runs["protocol"]) == {"fixed_total"}
