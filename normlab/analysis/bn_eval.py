@@ -90,5 +90,6 @@ def fig_bn_eval(long: pd.DataFrame, out: Path, metric: str, name: str = "fig_bn_
 
 
 def has_modes(runs: pd.DataFrame, metric: str) -> bool:
-    return any(mode_column(metric, m) in runs and finished(runs)[mode_column(metric, m)].notna().any()
-               for m in MODES if mode_column(metric, m) in runs)
+    """Whether any finished run compared BN's evaluation modes for `metric`."""
+    done = finished(runs)
+    return any(done[mode_column(metric, m)].notna().any() for m in MODES if mode_column(metric, m) in done)

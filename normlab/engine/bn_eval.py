@@ -94,10 +94,10 @@ def evaluate_bn(mode: str, model: nn.Module, test_batches: Iterable, *, train_ba
     """
     if mode == "ema":
         return evaluate(ema_model or model, test_batches, device=device, precision=precision)
-    with kept_running_stats(model):
-        if mode == "precise":
+    if mode == "precise":
+        with kept_running_stats(model):
             precise_statistics(model, train_batches, precise_steps(precise_images, total_batch), device=device,
                                precision=precision)
             return evaluate(model, test_batches, device=device, precision=precision)
-        with batch_statistics(model, per_worker):
-            return evaluate(model, test_batches, device=device, precision=precision)
+    with batch_statistics(model, per_worker):  # eval mode: the running statistics are neither read nor written
+        return evaluate(model, test_batches, device=device, precision=precision)
