@@ -311,7 +311,7 @@ def validate(cfg: DictConfig) -> None:
            "valid: ema, precise, batch")
     if cfg.eval.bn_stats != "ema" or cfg.eval.compare_bn_stats:
         spec = REGISTRY[cfg.norm.name]
-        _check(not spec.batch_dependent or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
+        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
                f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
                "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
     _check_device(cfg.trainer.device)
@@ -323,8 +323,8 @@ def validate(cfg: DictConfig) -> None:
     if graph == "true":
         _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
         _check(not host_synced_norm(cfg), "trainer.cuda_graph", True,
-               "norm=bn with norm.momentum=null and one worker is torch's BatchNorm2d, whose cumulative "
-               "average reads the step count on the host, which a CUDA graph cannot capture; give norm.momentum "
+               f"norm={cfg.norm.name} with norm.momentum=null (and one worker, for bn) is torch's BatchNorm, "
+               "whose cumulative average reads the step count on the host, which a CUDA graph cannot capture; give norm.momentum "
                "a value, or use trainer.cuda_graph=auto (off for this norm)")
         _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
                f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
@@ -340,8 +340,8 @@ def validate(cfg: DictConfig) -> None:
 
 def host_synced_norm(cfg: DictConfig) -> bool:
     """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
-    return (cfg.norm.name == "bn" and cfg.norm.get("momentum", 0.1) is None and effective(cfg).workers == 1
-            and cfg.norm.get("track_running_stats", True))
+    one_batch_bn = (cfg.norm.name == "bn" and effective(cfg).workers == 1) or cfg.norm.name == "syncbn"
+    return one_batch_bn and cfg.norm.get("momentum", 0.1) is None and cfg.norm.get("track_running_stats", True)
 
 
 def _check_device(device: str) -> None:

@@ -166,7 +166,9 @@ def share_machine(cfg: DictConfig, launcher: Mapping | None = None, job_num: int
             where = f" ({cpus} CPUs / {k} jobs at once)" if k else " (cpus_per_task)"
             notes.append(f"trainer.threads={budget}{where}")
     slots = 0
-    if str(cfg.trainer.device) == "auto":
+    from normlab.engine.dist import launched
+
+    if str(cfg.trainer.device) == "auto" and launched() is None:  # a rank's GPU is its local rank's
         import torch
 
         n_gpus = torch.cuda.device_count()
@@ -282,7 +284,9 @@ class SweepProgress(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
-            if config.hydra.mode != RunMode.MULTIRUN:
+            from normlab.engine.dist import launched
+
+            if config.hydra.mode != RunMode.MULTIRUN or (launched() or (0,))[0] > 0:  # a job's rank 0 reports it
                 return
             self._job_end(config, job_return)
         except Exception as e:  # noqa: BLE001

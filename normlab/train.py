@@ -6,6 +6,8 @@
 Jobs that a launcher runs side by side (``hydra/launcher=joblib``, ``submitit_local``) each get a share of
 the machine: CPU threads, and a GPU of their own on a multi-GPU machine (normlab/sweep.py).
 
+``torchrun --nproc_per_node=K -m normlab.train ARGS`` runs one job on K processes (normlab/engine/dist.py).
+
 Bad input stops a single run with a one-paragraph message and exit code 2, before any data is
 read. In a multirun, a job that is invalid or fails is reported and skipped, so the rest of the
 sweep goes on; its run directory says what happened.
@@ -28,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from normlab import search_path, sweep
 from normlab.config import register_configs
+from normlab.engine import dist
 from normlab.errors import ConfigError, RunFolderBusy
 
 log = logging.getLogger("normlab")
@@ -82,7 +85,8 @@ def main(cfg: DictConfig) -> str:
             busy = isinstance(e, RunFolderBusy)
             log.log(logging.WARNING if busy else logging.ERROR, "%s job, skipped: %s", "busy" if busy else "invalid", e)
             return "busy" if busy else "invalid"
-        print(f"normlab-train: error: {e}", file=sys.stderr)
+        if (dist.launched() or (0,))[0] == 0:  # every rank stops alike; rank 0 says why
+            print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()
         if not in_multirun():
@@ -96,6 +100,9 @@ def cli() -> None:
     """``normlab-train``: the app, with Hydra's own errors (an unknown option, a wrong type, a misspelt key)
     as one line and exit code 2, like normlab's."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; said here once, plainly
+    where = dist.launched()
+    if where is not None and where[0] > 0:  # under torchrun, rank 0 alone writes Hydra's files and the log
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:

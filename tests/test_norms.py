@@ -13,7 +13,7 @@ from normlab.norms import NORMS, REGISTRY, WSConv2d, build_norm, standardize_con
 
 pytestmark = pytest.mark.usefixtures("float64")
 
-BATCH_INDEPENDENT = [n for n in NORMS if not REGISTRY[n].batch_dependent]
+BATCH_INDEPENDENT = [n for n in NORMS if not (REGISTRY[n].batch_dependent or REGISTRY[n].synced)]
 BATCH_DEPENDENT = [n for n in NORMS if REGISTRY[n].batch_dependent]
 
 
@@ -455,6 +455,22 @@ def test_batch_independent_norms_see_each_sample_alone(name):
     other = x.clone()
     other[1:] = torch.randn(5, 8, 4, 4) * 5
     torch.testing.assert_close(layer(x)[0], layer(other)[0])
+
+
+def test_syncbn_in_one_process_is_torchs_bn_over_the_whole_batch():
+    layer = randomize_affine(build_norm("syncbn", 8, momentum=0.3))
+    reference = randomize_affine(torch.nn.BatchNorm2d(8, momentum=0.3))
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(12, 8, 4, 4, dtype=torch.float64) * 2 + 1
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer.double(), reference.double()
+    ya, yb = layer(a), reference(b)
+    torch.testing.assert_close(ya, yb)
+    (ya * torch.arange(ya.numel(), dtype=ya.dtype).view_as(ya)).sum().backward()
+    (yb * torch.arange(yb.numel(), dtype=yb.dtype).view_as(yb)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    assert "workers" not in REGISTRY["syncbn"].options  # W does not split its statistics
 
 
 @pytest.mark.parametrize("name", BATCH_DEPENDENT)

@@ -50,32 +50,34 @@ def describe(cfg) -> DataShape:
     return shape
 
 
-def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_last: bool = False) -> Loaders:
-    """The train loader (batches of exactly `batch_size`) and the test loader, on `device`."""
+def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_last: bool = False,
+          shard: tuple[int, int] = (0, 1)) -> Loaders:
+    """The train loader (global batches of exactly `batch_size`) and the test loader, on `device`; `shard`
+    (rank, ranks): this rank's part of each (see DeviceLoader)."""
     src = source(cfg.name)
     shape = describe(cfg)
     padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, shape.size // 8)
     if cfg.name == "imagefolder" and not src.fits_in_memory(cfg):
-        return _streamed(cfg, batch_size, device, seed, channels_last, shape)
+        return _streamed(cfg, batch_size, device, seed, channels_last, shape, shard)
     data = subset(src.load(cfg), cfg.train_subset, cfg.test_subset, cfg.subset_seed)
     normalize = Normalize(*data.mean_std(), device, channels_last)
 
     def loader(images, labels, train):
         return DeviceLoader(images.to(device), labels.to(device), batch_size if train else cfg.eval_batch,
                             normalize, train=train, augment=cfg.augment, padding=padding, flip=cfg.flip,
-                            seed=seed)
+                            seed=seed, shard=shard)
 
     return Loaders(loader(data.train_images, data.train_labels, True),
                    loader(data.test_images, data.test_labels, False), shape, data.classes)
 
 
-def _streamed(cfg, batch_size, device, seed, channels_last, shape) -> Loaders:
+def _streamed(cfg, batch_size, device, seed, channels_last, shape, shard) -> Loaders:
     from normlab.data.imagefolder import select
     from normlab.data.stream_loader import StreamLoader
 
     selection = select(cfg)
     normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD, device, channels_last)  # too large to measure up front
-    common = dict(device=device, normalize=normalize, seed=seed, workers=cfg.loader_workers)
+    common = dict(device=device, normalize=normalize, seed=seed, workers=cfg.loader_workers, shard=shard)
     return Loaders(StreamLoader(selection, "train", batch_size, train=True, **common),
                    StreamLoader(selection, selection.test_split, cfg.eval_batch, train=False, **common),
                    shape, selection.classes)

@@ -21,22 +21,27 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
+                     share: slice = slice(None)) -> torch.Tensor:
     """Per sample: a random crop of the zero-padded image, at its original size, and (if `flip`) a
-    horizontal flip with p=0.5."""
+    horizontal flip with p=0.5. Drawn for every image of `images` and applied to ``images[share]``: one rank's
+    share of the global batch gets exactly the augmentation a single process would give it."""
     b, _, h, w = images.shape
     device = images.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device) if padding else None
+    flipped = torch.rand(b, generator=generator, device=device) < 0.5 if flip else None
+    images = images[share]
     if padding:
+        offsets = offsets[:, share]
+        b = images.shape[0]
         padded = F.pad(images, (padding, padding, padding, padding))
-        offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device)
         rows = offsets[0] + torch.arange(h, device=device)  # (B, H)
         cols = offsets[1] + torch.arange(w, device=device)  # (B, W)
         batch = torch.arange(b, device=device)[:, None, None]
         images = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B,H,W,C)→(B,C,H,W)
     if not flip:
         return images
-    flipped = torch.rand(b, generator=generator, device=device) < 0.5
-    return torch.where(flipped[:, None, None, None], images.flip(3), images)
+    return torch.where(flipped[share][:, None, None, None], images.flip(3), images)
 
 
 class Normalize:
@@ -57,16 +62,22 @@ class DeviceLoader:
 
     Training loaders shuffle, augment and drop the last partial batch (every step sees exactly
     N·W images, so the workers split evenly); evaluation loaders do none of these.
+
+    `shard` = (rank, ranks): one rank of a job on several processes. Training: every rank draws the same
+    global batch and augmentation, and yields its own consecutive slice (its workers' images). Evaluation:
+    every ranks-th batch. Alone, (0, 1): everything.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize, *,
-                 train: bool, augment: bool = True, padding: int = 0, flip: bool = True, seed: int = 0) -> None:
+                 train: bool, augment: bool = True, padding: int = 0, flip: bool = True, seed: int = 0,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"expected uint8 images of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         self.images, self.labels = images, labels
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
         self.padding, self.flip = padding, flip
         self.normalize = normalize
+        self.shard = shard
 
     @property
     def num_samples(self) -> int:
@@ -80,18 +91,22 @@ class DeviceLoader:
     def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
         """Training: the epoch's seeded order and augmentation. Test: in order, or (`shuffled`) in one fixed
         random order, the same for every run: batches that mix the classes, as training's do."""
+        rank, ranks = self.shard
         if not self.train:
             order = torch.randperm(self.num_samples, generator=epoch_generator(0, 0, self.images.device),
                                    device=self.images.device) if shuffled else None
-            for start in range(0, self.num_samples, self.batch_size):
+            for start in range(rank * self.batch_size, self.num_samples, ranks * self.batch_size):
                 index = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
                 yield self.normalize(self.images[index]), self.labels[index]
             return
         generator = epoch_generator(self.seed, epoch, self.images.device)
         order = torch.randperm(self.num_samples, generator=generator, device=self.images.device)
+        per_rank = self.batch_size // ranks
+        share = slice(rank * per_rank, (rank + 1) * per_rank)
         for step in range(len(self)):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
-            images = self.images[index]
             if self.augment:
-                images = random_crop_flip(images, self.padding, self.flip, generator)
-            yield self.normalize(images), self.labels[index]
+                images = random_crop_flip(self.images[index], self.padding, self.flip, generator, share)
+            else:
+                images = self.images[index[share]]
+            yield self.normalize(images), self.labels[index[share]]

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from normlab.engine import dist
 from normlab.engine.loop import evaluate
 from normlab.engine.step import autocast
 from normlab.norms import PerWorkerBatchNorm2d
@@ -65,6 +66,7 @@ def precise_statistics(model: nn.Module, batches: Iterable, steps: int, *, devic
     for images, _labels in itertools.islice(batches, steps):
         with autocast(device, precision):
             model(images)
+    dist.average_buffers(model)  # each rank averaged its own workers; all of them, as one process would
     model.train(was_training)
 
 

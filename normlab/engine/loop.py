@@ -1,7 +1,8 @@
 """One training epoch and one evaluation pass.
 
 Losses and counts accumulate on the device and are read once at the end: no host-device sync per
-step. The progress callback, when given, may read them every few steps.
+step. The progress callback, when given, may read them every few steps. In a job on several processes
+each rank sees its share of the images, and the read sums the ranks' totals.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.engine import dist
 from normlab.engine.step import TrainStep, autocast
 
 
@@ -40,9 +42,11 @@ class Totals:
         self.count += len(labels)
 
     def read(self) -> dict[str, float]:
-        """Mean loss and top-1/top-5 error in %, read from the device once."""
-        loss, errors, errors5 = torch.stack([self.loss, self.errors, self.errors_top5]).tolist()
-        n = max(1, self.count)
+        """Mean loss and top-1/top-5 error in %, over every rank's images, read from the device once."""
+        sums = dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
+                                                self.loss.new_tensor(float(self.count))]))
+        loss, errors, errors5, count = sums.tolist()
+        n = max(1.0, count)
         return {"loss": loss / n, "error": 100.0 * errors / n, "error_top5": 100.0 * errors5 / n}
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.engine import dist
+
 
 def autocast(device: torch.device, precision: str, *, cache: bool = True):
     """bf16 autocast, or nothing. A captured graph needs ``cache=False`` (the CUDA-graph docs' rule)."""
@@ -25,10 +27,12 @@ class TrainStep:
     """One eager step; returns the logits and the mean loss, both still on the device."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device,
-                 precision: str, label_smoothing: float = 0.0, autocast_cache: bool = True) -> None:
+                 precision: str, label_smoothing: float = 0.0, autocast_cache: bool = True,
+                 sync_buffers: bool = False) -> None:
         self.model, self.optimizer = model, optimizer
         self.device, self.precision, self.label_smoothing = device, precision, label_smoothing
         self.autocast_cache = autocast_cache
+        self.sync_buffers = sync_buffers  # average running statistics over the ranks after every step
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.precision, cache=self.autocast_cache):
@@ -37,6 +41,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)  # backward then writes fresh grads (inside a graph: its pool)
         loss.backward()
         self.optimizer.step()
+        if self.sync_buffers:  # a norm that trains on its running statistics (brn) must read the same ones
+            dist.average_buffers(self.model)
         return logits, loss
 
 

@@ -3,10 +3,14 @@
 ``train(cfg, run_dir)`` is what the Hydra app calls for each job. Its results are the files of
 ``records.RunDir``; loggers only watch. A NaN/inf loss ends the run as ``diverged``; an exception
 ends it as ``failed`` (and is re-raised). Either way, what was recorded before stays.
+
+Under torchrun (or a SLURM job's tasks) every rank runs this, each simulating W/K of the W workers on its
+slice of every global batch (engine/dist.py). Rank 0 decides, holds the folder and writes every record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -27,7 +31,7 @@ from normlab import data as datasets
 from normlab.config import host_synced_norm, model_options, norm_options, validate
 from normlab.errors import ConfigError
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
-from normlab.engine import bn_eval
+from normlab.engine import bn_eval, dist
 from normlab.engine.loop import train_epoch
 from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
 from normlab.engine.step import CudaGraphStep, TrainStep
@@ -64,41 +68,46 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return setting
 
 
-def build_run_model(cfg: DictConfig, shape, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The job's model on its device, in its memory format."""
-    model = build_model(cfg.model.name, shape.num_classes, norm_options(cfg), workers=effective(cfg).workers,
+def build_run_model(cfg: DictConfig, shape, device: torch.device, channels_last: bool,
+                    ranks: int = 1) -> torch.nn.Module:
+    """The job's model on its device, in its memory format: one of `ranks`, simulating W/ranks workers."""
+    model = build_model(cfg.model.name, shape.num_classes, norm_options(cfg), workers=effective(cfg).workers // ranks,
                         zero_init_last=cfg.model.zero_init_last, in_chans=shape.channels,
                         **model_options(cfg)).to(device)
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def resolve_memory_format(cfg: DictConfig, shape, device: torch.device, precision: str,
-                          state: dict | None) -> FormatChoice:
-    """A resumed run keeps the format it started in; otherwise trainer.channels_last, probed when auto."""
+                          state: dict | None, ranks: int = 1) -> FormatChoice:
+    """A resumed run keeps the format it started in; otherwise trainer.channels_last, probed when auto (on
+    one rank's step: its N·W/ranks images and W/ranks workers)."""
     if state is not None and state.get("memory_format") in FORMATS.values():
         return FormatChoice(state["memory_format"] == FORMATS[True], "resumed in the format the run started in")
     eff = effective(cfg)
 
     def make_step(channels_last: bool) -> TrainStep:
-        model = build_run_model(cfg, shape, device, channels_last)
+        model = build_run_model(cfg, shape, device, channels_last, ranks)
         return TrainStep(model, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
 
     job_steps = shape.train_size // eff.total_batch * cfg.trainer.epochs if shape.train_size else None
-    batch = ((cfg.batch.per_worker, eff.workers) if norm_spec(cfg.norm.name).batch_dependent  # W changes its step
-             else eff.total_batch)
+    rank_batch = eff.total_batch // ranks
+    batch = ((cfg.batch.per_worker, eff.workers // ranks) if norm_spec(cfg.norm.name).batch_dependent
+             else rank_batch)  # W changes a batch-dependent norm's step
     key = cache_key(device, model=cfg.model.name, model_options=model_options(cfg), norm=norm_options(cfg),
                     batch=batch, precision=precision, image=(shape.channels, shape.size))
     return choose_memory_format(cfg.trainer.channels_last, make_step, classes=shape.num_classes, device=device,
-                                shape=(eff.total_batch, shape.channels, shape.size, shape.size), key=key,
+                                shape=(rank_batch, shape.channels, shape.size, shape.size), key=key,
                                 job_steps=job_steps)
 
 
-def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_synced: bool = False) -> bool:
-    """auto: on CUDA, unless the model is compiled or the norm reads a value on the host (`host_synced`).
+def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_synced: bool = False,
+                       ranks: int = 1) -> bool:
+    """auto: on CUDA, unless the model is compiled, the norm reads a value on the host (`host_synced`) or the
+    job runs on several processes (DDP's gradient all-reduce is not captured here).
     A graph replays the whole step with one launch: 12× the eager step for resnet20 at 2 × 8 on an H100,
     and no slower at large batches (README "Performance")."""
     if str(setting).lower() == "auto":
-        return device.type == "cuda" and not compile and not host_synced
+        return device.type == "cuda" and not compile and not host_synced and ranks == 1
     return str(setting).lower() == "true"
 
 
@@ -183,16 +192,34 @@ class Runtime:
     precision: str
     cuda_graph: bool
     layout: FormatChoice
+    world: dist.World = dist.World()
 
 
-def resolve_runtime(cfg: DictConfig, state: dict | None) -> Runtime:
+def resolve_runtime(cfg: DictConfig, state: dict | None, world: dist.World = dist.World()) -> Runtime:
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
-    device = resolve_device(cfg.trainer.device)
+    device = dist.device_for(world, resolve_device(cfg.trainer.device))
     precision = resolve_precision(cfg.trainer.precision, device)
-    cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg))
-    layout = resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state)
-    return Runtime(device, precision, cuda_graph, layout)
+    cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg),
+                                    world.size)
+    layout = dist.on_main(lambda: resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state,
+                                                        world.size))  # one probe; every rank runs its choice
+    return Runtime(device, precision, cuda_graph, layout, world)
+
+
+def check_world(cfg: DictConfig, world: dist.World) -> None:
+    """What a job on several processes needs of its config; ConfigError naming both sides."""
+    if world.size == 1:
+        return
+    workers = effective(cfg).workers
+    if workers % world.size:
+        key = "batch.total" if cfg.batch.total is not None else "batch.workers"
+        raise ConfigError(f"{key}: W={workers} workers cannot be split among the job's {world.size} processes "
+                          f"(WORLD_SIZE={world.size}); each rank simulates W/{world.size} of them, so W must be a "
+                          f"multiple of {world.size}")
+    if str(cfg.trainer.cuda_graph).lower() == "true":
+        raise ConfigError(f"trainer.cuda_graph=true is invalid for a job on {world.size} processes: DDP's gradient "
+                          "all-reduce is not captured in the graph; use trainer.cuda_graph=auto (off) or false")
 
 
 @dataclass
@@ -212,15 +239,21 @@ class Job:
 
 
 def build(cfg: DictConfig, rt: Runtime) -> Job:
-    eff = effective(cfg)
+    """Data, model, optimizer, schedule and step. On several processes: this rank's share of the data and the
+    workers, gradients averaged by DDP, whose buffer broadcast is off (each rank keeps its workers' BN EMAs,
+    which the trainer averages before they are read)."""
+    eff, world = effective(cfg), rt.world
     channels_last = rt.layout.channels_last
-    loaders = datasets.build(cfg.data, eff.total_batch, rt.device, seed=cfg.seed, channels_last=channels_last)
-    model = build_run_model(cfg, loaders.shape, rt.device, channels_last)
-    forward = torch.compile(model) if cfg.trainer.compile else model  # shares the model's parameters
+    loaders = datasets.build(cfg.data, eff.total_batch, rt.device, seed=cfg.seed, channels_last=channels_last,
+                             shard=(world.rank, world.size))
+    model = build_run_model(cfg, loaders.shape, rt.device, channels_last, world.size)
+    replicated = dist.data_parallel(model, rt.device) if world.size > 1 else model
+    forward = torch.compile(replicated) if cfg.trainer.compile else replicated  # shares the model's parameters
     optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=rt.cuda_graph)
     schedule = build_schedule(optimizer, cfg.schedule, len(loaders.train), cfg.trainer.epochs)
     step = TrainStep(forward, optimizer, device=rt.device, precision=rt.precision,
-                     label_smoothing=cfg.optim.label_smoothing, autocast_cache=not rt.cuda_graph)
+                     label_smoothing=cfg.optim.label_smoothing, autocast_cache=not rt.cuda_graph,
+                     sync_buffers=world.size > 1 and norm_spec(cfg.norm.name).trains_on_running_stats)
     return Job(loaders, model, forward, optimizer, schedule, CudaGraphStep(step) if rt.cuda_graph else step)
 
 
@@ -229,32 +262,45 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
     Bad input raises ``ConfigError`` before anything is read or written: ``validate``, a run folder that
     another process holds (``RunFolderBusy``), and one that holds another config's run or unreadable records.
+    On several processes rank 0 holds the folder and decides, and every rank follows (its folder, its error).
     """
     validate(cfg)
-    records = RunDir(run_dir)
-    with records.hold():  # one process per run folder, for the job's life
-        if not decide(cfg, records):
+    world = dist.init()
+    check_world(cfg, world)
+    if not world.main:
+        logging.getLogger("normlab").setLevel(logging.ERROR)  # one rank speaks; the others only of errors
+    records = RunDir(dist.broadcast(str(run_dir)))  # Hydra resolves ${now} per rank: rank 0's folder it is
+    with contextlib.ExitStack() as held:
+        def claim() -> bool:
+            held.enter_context(records.hold())  # one process per run folder, for the job's life
+            return decide(cfg, records)
+
+        if not dist.on_main(claim):
             return None
-        return run(cfg, records)
+        return run(cfg, records, world)
 
 
-def run(cfg: DictConfig, records: RunDir) -> dict[str, Any]:
-    """Resume or start, build, train every epoch, and leave a summary however it ends."""
+def run(cfg: DictConfig, records: RunDir, world: dist.World = dist.World()) -> dict[str, Any]:
+    """Resume or start, build, train every epoch, and leave a summary however it ends (rank 0 writes)."""
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     eff = effective(cfg)
-    state = read_resume_state(records)  # None: start over; metrics.jsonl is realigned with what resumes
+    state = dist.on_main(lambda: read_resume_state(records))  # None: start over; damaged files moved aside
     rows = list(state["metrics"]) if state is not None else []
-    write_metrics(records.metrics, rows)
+    if world.main:
+        write_metrics(records.metrics, rows)  # realigned with what resumes
     wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg))
-    dependent = norm_spec(cfg.norm.name).batch_dependent
-    extra: dict[str, Any] = {"batch_dependent": dependent,  # a batch-independent norm's modes are all alike
-                             "bn_stats": cfg.eval.bn_stats if dependent else "n/a (batch-independent norm)"}
+    logger = build_logger(cfg.logger if world.main else OmegaConf.create({"name": "none"}), records.path, resolved,
+                          run_name(cfg))
+    spec = norm_spec(cfg.norm.name)
+    extra: dict[str, Any] = {"batch_dependent": spec.batch_dependent,  # a batch-independent norm's modes are alike
+                             "bn_stats": cfg.eval.bn_stats if spec.batch_dependent or spec.synced
+                             else "n/a (batch-independent norm)"}
     try:
-        rt = resolve_runtime(cfg, state)
+        rt = resolve_runtime(cfg, state, world)
         extra.update(device=rt.device.type, precision=rt.precision, compiled=bool(cfg.trainer.compile),
-                     cuda_graph=rt.cuda_graph, memory_format=rt.layout.name, memory_format_reason=rt.layout.reason)
+                     cuda_graph=rt.cuda_graph, memory_format=rt.layout.name, memory_format_reason=rt.layout.reason,
+                     world_size=world.size, backend=dist.backend_for(rt.device))
         job = build(cfg, rt)
         extra.update(train_size=job.loaders.train.num_samples, test_size=job.loaders.test.num_samples,
                      steps_per_epoch=job.steps, num_classes=job.loaders.shape.num_classes)
@@ -262,9 +308,10 @@ def run(cfg: DictConfig, records: RunDir) -> dict[str, Any]:
             restore_into(records, state, job)
             log.info("resuming %s after epoch %d", records.path, start_epoch)
         log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s"
-                 " · %s (%s)%s", cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker,
+                 " · %s (%s)%s%s", cfg.model.name, run_name(cfg).rsplit("-N", 1)[0], cfg.batch.per_worker,
                  eff.workers, eff.total_batch, eff.protocol, eff.lr, job.steps, rt.device, rt.precision,
-                 rt.layout.name, rt.layout.reason, " · cuda-graph" if rt.cuda_graph else "")
+                 rt.layout.name, rt.layout.reason, " · cuda-graph" if rt.cuda_graph else "",
+                 f" · {world.size} processes ({extra['backend']}), W/{world.size} workers each" if world.size > 1 else "")
         status, wall_time = run_epochs(cfg, records, rt, job, rows, start_epoch, wall_time, logger, extra)
     except BaseException as e:
         status = "failed"
@@ -272,7 +319,8 @@ def run(cfg: DictConfig, records: RunDir) -> dict[str, Any]:
         raise
     finally:  # every ending, a failure too, leaves its summary and closes the W&B run
         summary = summarize(cfg, rows, status, wall_time, extra)
-        write_json(records.summary, summary)
+        if world.main:
+            write_json(records.summary, summary)
         logger.log_summary(summary)
         logger.finish(exit_code=int(status == "failed"))
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
@@ -317,15 +365,16 @@ def evaluation(cfg: DictConfig, rt: Runtime, job: Job, epoch: int) -> dict[str, 
 
 def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: list[dict], start_epoch: int,
                wall_time: float, logger, extra: dict) -> tuple[str, float]:
-    """Train from `start_epoch` to the end, appending to `rows`; (status, wall time)."""
-    eff = effective(cfg)
-    bar = ProgressBar(ProgressBar.wanted(cfg.trainer.progress))
+    """Train from `start_epoch` to the end, appending to `rows`; (status, wall time). Rank 0 writes."""
+    eff, main = effective(cfg), rt.world.main
+    bar = ProgressBar(main and ProgressBar.wanted(cfg.trainer.progress))
     for epoch in range(start_epoch + 1, cfg.trainer.epochs + 1):
         lr = float(job.optimizer.param_groups[0]["lr"])
         train_metrics, epoch_time = train_epoch(
             job.step, job.loaders.train.epoch(epoch), job.schedule,
             progress=bar.epoch(epoch, cfg.trainer.epochs, job.steps, eff.total_batch))
         wall_time += epoch_time
+        dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
                "val_loss": None, "val_error": None, "lr": lr,
                "images_per_sec": job.steps * eff.total_batch / epoch_time, "epoch_time_s": epoch_time}
@@ -335,7 +384,8 @@ def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: li
         elif epoch % cfg.trainer.eval_every == 0 or epoch == cfg.trainer.epochs:
             row.update(evaluation(cfg, rt, job, epoch))
         rows.append(row)
-        append_metrics(records.metrics, row)
+        if main:
+            append_metrics(records.metrics, row)
         logger.log_epoch(row)
         log.info("epoch %d/%d: train loss %.4f error %.2f%% · val error %s · %.0f img/s", epoch,
                  cfg.trainer.epochs, row["train_loss"], row["train_error"],
@@ -343,7 +393,7 @@ def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: li
         if diverged:
             log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"], epoch)
             return "diverged", wall_time
-        if cfg.trainer.checkpoint:
+        if cfg.trainer.checkpoint and main:
             save_checkpoint(records, model=job.model, optimizer=job.optimizer, schedule=job.schedule,
                             epoch=epoch, metrics=rows, wall_time_s=wall_time, memory_format=rt.layout.name)
     return "done", wall_time

@@ -349,3 +349,63 @@ class BatchRenorm2d(nn.Module):
         shift = self.bias + self.weight * d - mean * scale
         return torch.addcmul(per_sample(shift, x), x, per_sample(scale, x))
 
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BN whose statistics cover every image of the step (N·W): the paper's "BN at large batch" reference.
+
+    One process: BN over the whole batch, whatever W. A job on several processes: statistics over every
+    rank's images. On CUDA, DDP runs torch's ``nn.SyncBatchNorm`` in its place (:meth:`use_torch_sync`); on
+    the CPU, which torch's does not take, the sums cross the ranks here in a differentiable all-reduce, so each
+    rank's gradient holds every rank's share, as torch's backward arranges on CUDA.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return self._all_reduced(x)
+        return super().forward(x)
+
+    def _all_reduced(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        self._check_input_dim(x)
+        xs = for_statistics(x)
+        count = xs.new_tensor([x.numel() // x.shape[1]])
+        sums = all_reduce(torch.cat([xs.sum((0, 2, 3)), xs.square().sum((0, 2, 3)), count]))
+        c, total = x.shape[1], sums[-1]
+        mean = sums[:c] / total
+        var = (sums[c:2 * c] / total - mean.square()).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (self.num_batches_tracked.to(mean.dtype).reciprocal() if self.momentum is None
+                          else self.momentum)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                self.running_var.lerp_((var.detach() * total / (total - 1)).to(self.running_var.dtype), factor)
+        scale = torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return torch.addcmul(shift.to(x.dtype)[None, :, None, None], x, scale.to(x.dtype)[None, :, None, None])
+
+    @staticmethod
+    def use_torch_sync(model: nn.Module) -> nn.Module:
+        """`model` with each SyncBatchNorm2d replaced, in place, by an ``nn.SyncBatchNorm`` sharing its
+        parameters and buffers (torch's fused CUDA kernels); other BN layers (per-worker BN) are left alone."""
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is SyncBatchNorm2d:
+                    synced = nn.SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                              child.track_running_stats)
+                    synced.weight, synced.bias = child.weight, child.bias
+                    for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+                        setattr(synced, buffer, getattr(child, buffer))
+                    synced.train(child.training)
+                    setattr(parent, name, synced)
+        return model

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from normlab.norms.batch import BatchRenorm2d, PerWorkerBatchNorm2d
+from normlab.norms.batch import BatchRenorm2d, PerWorkerBatchNorm2d, SyncBatchNorm2d
 from normlab.norms.evo import EvoNormB0, EvoNormS0
 from normlab.norms.group import NormChannelError, group_norm, instance_norm, layer_norm
 from normlab.norms.response import FilterResponseNorm2d
@@ -35,6 +35,8 @@ class NormSpec:
     layer: Callable[..., nn.Module]  # layer(num_channels, **options)
     paper: str
     batch_dependent: bool = False  # statistics over the batch: takes `workers` (per-worker statistics)
+    synced: bool = False  # statistics over every worker's images (N·W), across processes too
+    trains_on_running_stats: bool = False  # training reads the running statistics: ranks average them each step
     has_activation: bool = False  # a norm-activation layer: replaces the ReLU after it, takes `apply_act`
     standardize_convs: bool = False  # the model's convs use Weight Standardization
     compile_safe: bool = True  # torch.compile matches eager in train and eval (tests/test_compile.py)
@@ -59,7 +61,7 @@ _SPECS = (
     NormSpec("none", no_norm, "no normalization"),
     # compiled, BRN's γ gradient is off by ~0.2% (the outputs and input gradients match): not compile-safe
     NormSpec("brn", BatchRenorm2d, "Ioffe, Batch Renormalization, NeurIPS 2017", batch_dependent=True,
-             compile_safe=False),
+             compile_safe=False, trains_on_running_stats=True),
     NormSpec("frn", FilterResponseNorm2d, "Singh & Krishnan, Filter Response Normalization, CVPR 2020",
              has_activation=True),
     NormSpec("evonorm_b0", EvoNormB0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
@@ -67,6 +69,8 @@ _SPECS = (
     NormSpec("evonorm_s0", EvoNormS0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
              has_activation=True),
     NormSpec("gn_ws", group_norm, "Qiao et al., Weight Standardization, 2019 (with GN)", standardize_convs=True),
+    NormSpec("syncbn", SyncBatchNorm2d, "Ioffe & Szegedy 2015, statistics synchronized over all workers "
+             "(Peng et al., MegDet, CVPR 2018); the large-batch BN of Wu & He 2018, Sec. 6", synced=True),
 )
 REGISTRY: dict[str, NormSpec] = {spec.name: spec for spec in _SPECS}
 NORMS: tuple[str, ...] = tuple(REGISTRY)
