@@ -206,7 +206,8 @@ def invalid_jobs(config: DictConfig, config_name: str = "train") -> list[tuple[l
     """The jobs that ``validate`` will refuse, found before the sweep starts: (overrides, reason)."""
     from hydra import compose
 
-    from normlab.config import ConfigError, validate
+    from normlab.errors import ConfigError
+    from normlab.validation import validate
 
     found = []
     for overrides in job_overrides(config):

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import ConfigError, validate
+from normlab.errors import ConfigError
+from normlab.validation import validate
 from normlab.engine import bn_eval
 from normlab.engine.trainer import train
 from normlab.norms import build_norm

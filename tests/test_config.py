@@ -9,7 +9,8 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab.config import ConfigError, host_synced_norm, validate
+from normlab.errors import ConfigError
+from normlab.validation import host_synced_norm, validate
 from normlab.protocol import effective, identity
 from normlab.models import MODELS
 from normlab.norms import NORMS

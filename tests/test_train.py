@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from normlab.config import ConfigError
+from normlab.errors import ConfigError
 from normlab.engine.rerun import changed_keys
 from normlab.engine.trainer import train
 from normlab.norms import NORMS

@@ -27,6 +27,7 @@ import torch
 
 import normlab
 from normlab.records import write_json
+from normlab.switches import switch
 
 WARMUP_STEPS, TIMED_STEPS, ROUNDS = 2, 3, 2
 PROBE_STEPS = 2 * ROUNDS * (WARMUP_STEPS + TIMED_STEPS)  # training steps the probe costs
@@ -93,7 +94,7 @@ def choose_memory_format(setting: Any, make_step: StepFactory, *, shape: tuple[i
                          device: torch.device, key: str, job_steps: int | None,
                          cache_dir: Path | None = None) -> FormatChoice:
     """The format for `setting` (auto | true | false); `make_step(channels_last)` builds a throw-away step."""
-    setting = str(setting).lower()
+    setting = switch(setting)
     if setting != "auto":
         return FormatChoice(setting == "true", f"trainer.channels_last={setting}")
     folder = cache_dir or default_cache_dir()

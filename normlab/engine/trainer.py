@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import normlab
 from normlab import data as datasets
-from normlab.config import host_synced_norm, model_options, norm_options, validate
+from normlab.config import model_options, norm_options
 from normlab.errors import ConfigError
+from normlab.validation import host_synced_norm, validate
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
 from normlab.engine import bn_eval, dist
 from normlab.engine.loop import train_epoch
@@ -43,6 +44,7 @@ from normlab.models import build_model
 from normlab.norms import norm_spec
 from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
+from normlab.switches import resolve_switch, switch
 
 log = logging.getLogger("normlab")
 PRECISE_EPOCH = 0  # the training images PreciseBN draws: epoch 0's order and crops, which training never uses
@@ -106,9 +108,7 @@ def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_s
     job runs on several processes (DDP's gradient all-reduce is not captured here).
     A graph replays the whole step with one launch: 12× the eager step for resnet20 at 2 × 8 on an H100,
     and no slower at large batches (README "Performance")."""
-    if str(setting).lower() == "auto":
-        return device.type == "cuda" and not compile and not host_synced and ranks == 1
-    return str(setting).lower() == "true"
+    return resolve_switch(setting, device.type == "cuda" and not compile and not host_synced and ranks == 1)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -217,7 +217,7 @@ def check_world(cfg: DictConfig, world: dist.World) -> None:
         raise ConfigError(f"{key}: W={workers} workers cannot be split among the job's {world.size} processes "
                           f"(WORLD_SIZE={world.size}); each rank simulates W/{world.size} of them, so W must be a "
                           f"multiple of {world.size}")
-    if str(cfg.trainer.cuda_graph).lower() == "true":
+    if switch(cfg.trainer.cuda_graph) == "true":
         raise ConfigError(f"trainer.cuda_graph=true is invalid for a job on {world.size} processes: DDP's gradient "
                           "all-reduce is not captured in the graph; use trainer.cuda_graph=auto (off) or false")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 import time
 
+from normlab.switches import resolve_switch
+
 
 class ProgressBar:
     def __init__(self, enabled: bool, every: int = 10, stream=None) -> None:
@@ -13,9 +15,7 @@ class ProgressBar:
 
     @staticmethod
     def wanted(setting: str) -> bool:
-        if str(setting).lower() == "auto":
-            return sys.stderr.isatty()
-        return str(setting).lower() == "true"
+        return resolve_switch(setting, sys.stderr.isatty())
 
     def epoch(self, epoch: int, epochs: int, steps: int, batch_size: int):
         """A callback for ``train_epoch``: ``(step, totals)``. Reads the loss only when it draws."""

@@ -1,0 +1,223 @@
+"""``validate(cfg)``: the one place a composed config's invariants are checked, before any data is read.
+
+Each group's schema (normlab/config.py) checks its keys and types as Hydra composes; what one group cannot
+check alone is checked here: value ranges, keys no schema has, and the invariants across groups (G against
+every layer's channels, the per-worker batch against the norm, a data path that does not exist). Every
+failure is a ConfigError naming the key, the value and what is valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from normlab.config import (GROUP_SCHEMAS, BatchConfig, EvalConfig, TrainConfig, model_options,
+                            norm_options)
+from normlab.errors import ConfigError
+from normlab.norms import REGISTRY
+from normlab.protocol import ProtocolError, effective
+from normlab.switches import SWITCH, switch
+
+
+def _check(condition: bool, key: str, value: Any, valid: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {valid}")
+
+
+INF = float("inf")
+# key: (low, high, what is valid); a value must be a finite number with low <= value <= high ("(" excludes low)
+RANGES: dict[str, tuple[str, float, float, str]] = {
+    "seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "model.width": ("[", 1, INF, "an integer >= 1, or null for 16"),
+    "data.num_classes": ("[", 1, INF, ">= 1, or null"),
+    "data.class_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "data.num_train": ("[", 1, INF, ">= 1"),
+    "data.num_test": ("[", 1, INF, ">= 1"),
+    "data.channels": ("[", 1, INF, ">= 1"),
+    "data.size": ("[", 1, INF, ">= 1"),
+    "data.image_size": ("[", 1, INF, ">= 1, or null"),
+    "data.in_memory_max_gb": ("[", 0, INF, ">= 0 (0 streams every image folder)"),
+    "data.loader_workers": ("[", 0, INF, ">= 0"),
+    "data.train_subset": ("[", 1, INF, ">= 1, or null for the whole training set"),
+    "data.test_subset": ("[", 1, INF, ">= 1, or null for the whole test set"),
+    "data.subset_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "optim.momentum": ("[", 0, 0.999999, "in [0, 1)"),
+    "optim.weight_decay": ("[", 0, INF, ">= 0"),
+    "schedule.gamma": ("(", 0, 1, "in (0, 1]: the factor at each milestone"),
+    "schedule.min_lr_factor": ("[", 0, 1, "in [0, 1]: the final lr as a fraction of the peak"),
+    "schedule.warmup_start_factor": ("(", 0, 1, "in (0, 1]"),
+    "norm.momentum": ("[", 0, 1, "in [0, 1], or null for a cumulative average"),
+    "eval.precise_images": ("[", 1, INF, ">= 1"),
+    "norm.r_max": ("[", 1, INF, ">= 1"),
+    "norm.d_max": ("[", 0, INF, ">= 0"),
+    "norm.warmup_steps": ("[", 0, INF, ">= 0"),
+    "norm.ramp_steps": ("[", 0, INF, ">= 0"),
+}
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    for key, (bracket, low, high, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is None or isinstance(value, bool):
+            continue
+        above = value > low if bracket == "(" else value >= low
+        _check(isinstance(value, (int, float)) and math.isfinite(value) and above and value <= high, key, value,
+               f"must be {valid}")
+
+
+def _check_known_keys(cfg: DictConfig) -> None:
+    """A key no schema has (a misspelt one, added with '+') is refused, naming the keys that exist."""
+    nodes = {"": TrainConfig, "batch": BatchConfig, "eval": EvalConfig, **GROUP_SCHEMAS}
+    for prefix, schema in nodes.items():
+        node = cfg if not prefix else cfg.get(prefix)
+        if not isinstance(node, DictConfig):
+            continue
+        known = [f.name for f in dataclasses.fields(schema)]
+        for key in node.keys():
+            if key not in known and not (prefix == "" and key == "hydra"):
+                name = f"{prefix}.{key}" if prefix else str(key)
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}? " if close else ""
+                raise ConfigError(f"{name} is not a normlab key ('+' adds keys the schema does not know); "
+                                  f"{hint}valid keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the invariants across groups, before any data is read. Raises ConfigError."""
+    from normlab.data import describe
+
+    _check_known_keys(cfg)
+    _check_ranges(cfg)
+    _check(cfg.batch.per_worker >= 1, "batch.per_worker", cfg.batch.per_worker, "need at least 1 image per worker")
+    _check(cfg.batch.workers is None or cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers,
+           "need at least 1 worker")
+    _check(cfg.batch.total is None or cfg.batch.total >= 1, "batch.total", cfg.batch.total,
+           "must be >= 1, or null for the paper's protocol (W = batch.workers)")
+    try:
+        workers = effective(cfg).workers
+    except ProtocolError as e:
+        raise ConfigError(str(e)) from None
+    _check(cfg.trainer.epochs >= 1, "trainer.epochs", cfg.trainer.epochs, "need at least 1 epoch")
+    _check(cfg.trainer.eval_every >= 1, "trainer.eval_every", cfg.trainer.eval_every, "must be >= 1")
+    _check(cfg.trainer.precision in ("auto", "fp32", "bf16"), "trainer.precision", cfg.trainer.precision,
+           "valid: auto, fp32, bf16")
+    _check(switch(cfg.trainer.channels_last) in SWITCH, "trainer.channels_last",
+           cfg.trainer.channels_last, "valid: auto, true, false")
+    _check(cfg.schedule.name in ("step", "cosine"), "schedule.name", cfg.schedule.name, "valid: step, cosine")
+    _check(all(0 < m < 1 for m in cfg.schedule.milestones), "schedule.milestones", list(cfg.schedule.milestones),
+           "milestones are fractions of training, each between 0 and 1")
+    _check(0 <= cfg.schedule.warmup_epochs <= cfg.trainer.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
+           f"must be in [0, trainer.epochs={cfg.trainer.epochs}]")
+    _check(cfg.optim.base_batch >= 1, "optim.base_batch", cfg.optim.base_batch, "must be >= 1")
+    _check(0 < cfg.optim.base_lr < INF, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
+    _check(cfg.optim.lr is None or 0 < cfg.optim.lr < INF, "optim.lr", cfg.optim.lr,
+           "must be > 0, or null for the linear scaling rule")
+    _check(cfg.data.eval_batch >= 1, "data.eval_batch", cfg.data.eval_batch, "must be >= 1")
+    _check(cfg.data.crop_padding is None or cfg.data.crop_padding >= 0, "data.crop_padding", cfg.data.crop_padding,
+           "must be >= 0, or null for size/8")
+    _check(cfg.trainer.threads is None or cfg.trainer.threads >= 1, "trainer.threads", cfg.trainer.threads,
+           "must be >= 1, or null for torch's default")
+    _check(switch(cfg.trainer.progress) in SWITCH, "trainer.progress",
+           cfg.trainer.progress, "valid: auto, true, false")
+    _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
+           "must be in [0, 1)")
+    _check(cfg.logger.name in ("none", "wandb"), "logger.name", cfg.logger.name, "valid: none, wandb")
+    _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+           "valid: offline, online, disabled")
+    _check(cfg.eval.bn_stats in ("ema", "precise", "batch"), "eval.bn_stats", cfg.eval.bn_stats,
+           "valid: ema, precise, batch")
+    if cfg.eval.bn_stats != "ema" or cfg.eval.compare_bn_stats:
+        spec = REGISTRY[cfg.norm.name]
+        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
+               f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
+               "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
+    _check_device(cfg.trainer.device)
+    _check(not cfg.trainer.compile or REGISTRY[cfg.norm.name].compile_safe, "trainer.compile", cfg.trainer.compile,
+           f"torch.compile does not match eager for norm={cfg.norm.name} (tests/test_compile.py); "
+           f"use trainer.compile=false")
+    graph = switch(cfg.trainer.cuda_graph)
+    _check(graph in SWITCH, "trainer.cuda_graph", cfg.trainer.cuda_graph, "valid: auto, true, false")
+    if graph == "true":
+        _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
+        _check(not host_synced_norm(cfg), "trainer.cuda_graph", True,
+               f"norm={cfg.norm.name} with norm.momentum=null (and one worker, for bn) is torch's BatchNorm, "
+               "whose cumulative average reads the step count on the host, which a CUDA graph cannot capture; give "
+               "norm.momentum a value, or use trainer.cuda_graph=auto (off for this norm)")
+        _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
+               f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
+               f"use trainer.cuda_graph=auto or false")
+    shape = describe(cfg.data)  # checks the data name, its options and that its files exist
+    total = cfg.batch.per_worker * workers
+    if shape.train_size is not None and total > shape.train_size:
+        raise ConfigError(f"batch.per_worker × workers = {cfg.batch.per_worker} × {workers} = {total} "
+                          f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
+                          f"step's batch; lower batch.per_worker, batch.workers or batch.total")
+    _check_model(cfg, shape)
+
+
+def host_synced_norm(cfg: DictConfig) -> bool:
+    """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
+    one_batch_bn = (cfg.norm.name == "bn" and effective(cfg).workers == 1) or cfg.norm.name == "syncbn"
+    return one_batch_bn and cfg.norm.get("momentum", 0.1) is None and cfg.norm.get("track_running_stats", True)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    _check(device == "auto" or device == "cpu" or device.startswith("cuda"), "trainer.device", device,
+           "valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={device!r} is invalid: CUDA is not available here; use auto or cpu")
+
+
+def _resolves_to_cuda(device: str) -> bool:
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def _check_model(cfg: DictConfig, shape) -> None:
+    """Build the model on the meta device and run one training batch through it: shapes only, no memory.
+
+    This is where the norm meets every layer: G against each layer's channels, and batch statistics
+    against the per-worker batch and each feature map's size.
+    """
+    import torch
+
+    from normlab.models import build_model
+
+    from normlab.models import model_builder
+    from normlab.options import check_options
+
+    options = model_options(cfg)
+    try:
+        check_options(f"model={cfg.model.name}", model_builder(cfg.model.name), options)
+    except ValueError as e:
+        raise ConfigError(f"{e} (model.* keys)") from None
+    norm = norm_options(cfg)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg.model.name, shape.num_classes, norm, workers=effective(cfg).workers,
+                                in_chans=shape.channels, **options)
+    except ValueError as e:
+        raise ConfigError(f"cannot build model={cfg.model.name} with norm={cfg.norm.name}: {e}") from None
+    entered: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
+             for path, m in model.named_modules() if path]
+    batch = torch.empty(effective(cfg).total_batch, shape.channels, shape.size, shape.size,
+                        device="meta")
+    try:
+        model.train()(batch)
+    except ValueError as e:
+        layer = entered[-1] if entered else "the model"
+        raise ConfigError(
+            f"batch.per_worker={cfg.batch.per_worker} cannot work with norm={cfg.norm.name} in "
+            f"{cfg.model.name}: at {layer}, {e}"
+        ) from None
+    finally:
+        for hook in hooks:
+            hook.remove()
