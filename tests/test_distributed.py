@@ -196,7 +196,7 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN, reason="torchrun is not installed")
 @pytest.mark.parametrize("norm", [["norm=syncbn"], ["norm=brn", "norm.warmup_steps=2", "norm.ramp_steps=4"],
-                                  ["norm=gn", "norm.groups=8"], ["eval.compare_bn_stats=true"]])
+                                  ["norm=gn", "norm.groups=8"], ["eval.compare_bn_stats=true"], ["trainer.compile=true"]])
 def test_every_kind_of_norm_and_eval_mode_matches_one_process(tmp_path, norm):
     alone, ranks = tmp_path / "alone", tmp_path / "ranks"
     assert run_job(alone, *norm).returncode == 0

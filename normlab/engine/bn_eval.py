@@ -95,7 +95,7 @@ def evaluate_bn(mode: str, model: nn.Module, test_batches: Iterable, *, train_ba
     `ema_model` is what ``ema`` evaluates (the compiled forward, if any); the other modes use the eager `model`.
     """
     if mode == "ema":
-        return evaluate(ema_model or model, test_batches, device=device, precision=precision)
+        return evaluate(model if ema_model is None else ema_model, test_batches, device=device, precision=precision)
     if mode == "precise":
         with kept_running_stats(model):
             precise_statistics(model, train_batches, precise_steps(precise_images, total_batch), device=device,
