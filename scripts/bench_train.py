@@ -45,7 +45,7 @@ from normlab.config import OptimConfig  # noqa: E402
 from normlab.data.device_loader import DeviceLoader, Normalize  # noqa: E402
 from normlab.engine.loop import train_epoch  # noqa: E402
 from normlab.engine.optim import Schedule, build_optimizer  # noqa: E402
-from normlab.engine.step import CudaGraphStep, TrainStep  # noqa: E402
+from normlab.engine.step import CudaGraphStep, TrainStep, compile_model  # noqa: E402
 from normlab.engine.memory_format import FORMATS, choose_memory_format  # noqa: E402
 from normlab.engine.trainer import resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
@@ -134,7 +134,7 @@ class NormlabLoop:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, OptimConfig(), 0.01, capturable=cuda_graph)
         self.schedule = Schedule(self.optimizer, lambda step: 1.0)
-        forward = torch.compile(self.model, mode=None if compile is True else compile) if compile else self.model
+        forward = compile_model(self.model, None if compile is True else compile) if compile else self.model
         self.step = TrainStep(forward, self.optimizer, device=device, precision=self.precision,
                               autocast_cache=not cuda_graph)
         if cuda_graph:

@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+from normlab.engine.step import compile_model
 from normlab.engine.trainer import train
 from normlab.norms import NORMS, REGISTRY, build_norm
 from normlab.records import read_metrics
@@ -36,7 +37,7 @@ def test_compiled_norm_matches_eager_in_train_and_eval(name, device):
         for p in eager.parameters():
             p.copy_(torch.rand_like(p) + 0.5)
     twin = copy.deepcopy(eager)
-    compiled = torch.compile(twin)
+    compiled = compile_model(twin)
     for step in range(2):  # the second step sees updated running statistics
         x = torch.randn(8, 8, 6, 6, device=device) * 2 + step
         grad = torch.randn_like(x)

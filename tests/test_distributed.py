@@ -88,6 +88,10 @@ def test_workers_must_split_among_the_ranks(tiny):
         check_world(tiny("batch.workers=null", "batch.total=12"), dist.World(1, 2))
     with pytest.raises(ConfigError, match="trainer.cuda_graph=true is invalid for a job on 2 processes"):
         check_world(tiny("trainer.cuda_graph=true"), dist.World(0, 2))
+    cfg = tiny()
+    cfg.trainer.device = "cuda:1"  # set after composing: validate would refuse it on a machine without CUDA
+    with pytest.raises(ConfigError, match="trainer.device=cuda:1 names one GPU for all 2 processes"):
+        check_world(cfg, dist.World(0, 2))
 
 
 # ---------------------------------------------------------------- each rank's share of the data

@@ -23,6 +23,13 @@ def autocast(device: torch.device, precision: str, *, cache: bool = True):
     return contextlib.nullcontext()
 
 
+def compile_model(module: nn.Module, mode: str | None = None) -> nn.Module:
+    """``torch.compile`` as training uses it (``trainer.compile``): static shapes. With dynamic shapes, which Dynamo
+    switches to once a process has seen a second shape, per-worker BN's view arithmetic sends Inductor's symbolic
+    simplification into minutes per graph; a job's few shapes (train, eval, a last partial batch) compile once each."""
+    return torch.compile(module, mode=mode, dynamic=False)
+
+
 class TrainStep:
     """One eager step; returns the logits and the mean loss, both still on the device."""
 

@@ -35,7 +35,7 @@ from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, sav
 from normlab.engine import bn_eval, dist
 from normlab.engine.loop import train_epoch
 from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
-from normlab.engine.step import CudaGraphStep, TrainStep
+from normlab.engine.step import CudaGraphStep, TrainStep, compile_model
 from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.engine.rerun import job_changes, refuse_another_job
 from normlab.loggers import build_logger
@@ -82,21 +82,24 @@ def build_run_model(cfg: DictConfig, shape, device: torch.device, channels_last:
 def resolve_memory_format(cfg: DictConfig, shape, device: torch.device, precision: str,
                           state: dict | None, ranks: int = 1) -> FormatChoice:
     """A resumed run keeps the format it started in; otherwise trainer.channels_last, probed when auto (on
-    one rank's step: its N·W/ranks images and W/ranks workers)."""
+    one rank's step, N·W/ranks images and W/ranks workers, compiled when the job is: compiled, the faster format
+    can be the other one)."""
     if state is not None and state.get("memory_format") in FORMATS.values():
         return FormatChoice(state["memory_format"] == FORMATS[True], "resumed in the format the run started in")
     eff = effective(cfg)
 
-    def make_step(channels_last: bool) -> TrainStep:
+    def make_step(channels_last: bool) -> TrainStep:  # the step as the job runs it: compiled too, if it is
         model = build_run_model(cfg, shape, device, channels_last, ranks)
-        return TrainStep(model, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
+        forward = compile_model(model) if cfg.trainer.compile else model
+        return TrainStep(forward, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
 
     job_steps = shape.train_size // eff.total_batch * cfg.trainer.epochs if shape.train_size else None
     rank_batch = eff.total_batch // ranks
     batch = ((cfg.batch.per_worker, eff.workers // ranks) if norm_spec(cfg.norm.name).batch_dependent
              else rank_batch)  # W changes a batch-dependent norm's step
     key = cache_key(device, model=cfg.model.name, model_options=model_options(cfg), norm=norm_options(cfg),
-                    batch=batch, precision=precision, image=(shape.channels, shape.size))
+                    batch=batch, precision=precision, image=(shape.channels, shape.size),
+                    compiled=bool(cfg.trainer.compile))
     return choose_memory_format(cfg.trainer.channels_last, make_step, classes=shape.num_classes, device=device,
                                 shape=(rank_batch, shape.channels, shape.size, shape.size), key=key,
                                 job_steps=job_steps)
@@ -217,6 +220,9 @@ def check_world(cfg: DictConfig, world: dist.World) -> None:
         raise ConfigError(f"{key}: W={workers} workers cannot be split among the job's {world.size} processes "
                           f"(WORLD_SIZE={world.size}); each rank simulates W/{world.size} of them, so W must be a "
                           f"multiple of {world.size}")
+    if str(cfg.trainer.device).startswith("cuda:"):
+        raise ConfigError(f"trainer.device={cfg.trainer.device} names one GPU for all {world.size} processes; use "
+                          "trainer.device=cuda or auto: each rank takes the GPU of its LOCAL_RANK")
     if switch(cfg.trainer.cuda_graph) == "true":
         raise ConfigError(f"trainer.cuda_graph=true is invalid for a job on {world.size} processes: DDP's gradient "
                           "all-reduce is not captured in the graph; use trainer.cuda_graph=auto (off) or false")
@@ -248,7 +254,7 @@ def build(cfg: DictConfig, rt: Runtime) -> Job:
                              shard=(world.rank, world.size))
     model = build_run_model(cfg, loaders.shape, rt.device, channels_last, world.size)
     replicated = dist.data_parallel(model, rt.device) if world.size > 1 else model
-    forward = torch.compile(replicated) if cfg.trainer.compile else replicated  # shares the model's parameters
+    forward = compile_model(replicated) if cfg.trainer.compile else replicated  # shares the model's parameters
     optimizer = build_optimizer(model, cfg.optim, eff.lr, capturable=rt.cuda_graph)
     schedule = build_schedule(optimizer, cfg.schedule, len(loaders.train), cfg.trainer.epochs)
     step = TrainStep(forward, optimizer, device=rt.device, precision=rt.precision,
