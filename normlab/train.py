@@ -102,7 +102,9 @@ def cli() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; said here once, plainly
     where = dist.launched()
     if where is not None and where[0] > 0:  # under torchrun, rank 0 alone writes Hydra's files and the log
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
+                 if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
+        sys.argv += ["hydra.output_subdir=null", *quiet]
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:

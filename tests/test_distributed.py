@@ -151,16 +151,28 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     y = sync(share)
     (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()  # same on each rank
     grad_weight = dist.all_reduce_sum(sync.weight.grad.clone())
+    local = SyncBatchNorm2d(3).double().train()
+    with SyncBatchNorm2d.within_process():  # rank 0 alone, as in the memory-format probe: no collective, no wait
+        if rank == 0:
+            torch.testing.assert_close(local(x[:4]), F.batch_norm(x[:4], None, None, training=True))
+    failures = []
+    for error in (ConfigError("bad key"), ZeroDivisionError("boom")):  # rank 0's failure reaches every rank
+        def fail(error=error):
+            raise error
+        try:
+            dist.on_main(fail)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{type(e).__name__}: {e}")
     bn = PerWorkerBatchNorm2d(3, workers=2).double().train()  # this rank simulates 2 of the 4 workers
     bn(x[rank * 4:(rank + 1) * 4])
     dist.average_buffers(bn)
     torch.save({"y": y.detach(), "grad": share.grad, "grad_weight": grad_weight, "running": sync.running_var,
-                "ema": (bn.running_mean, bn.running_var)}, f"{out}/rank{rank}.pt")
+                "ema": (bn.running_mean, bn.running_var), "failures": failures}, f"{out}/rank{rank}.pt")
     dist.finish()
 
 
 @pytest.mark.skipif(not tdist.is_available(), reason="torch.distributed is not built")
-def test_syncbn_and_buffer_averaging_across_two_processes_equal_one_process(tmp_path):
+def test_syncbn_buffer_averaging_and_rank_0s_errors_across_two_processes(tmp_path):
     mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
@@ -176,6 +188,8 @@ def test_syncbn_and_buffer_averaging_across_two_processes_equal_one_process(tmp_
     torch.testing.assert_close(got[0]["running"], var)
     simulated = PerWorkerBatchNorm2d(3, workers=4).double().train()  # one process, all 4 workers
     simulated(x.detach())
+    assert got[0]["failures"] == ["ConfigError: bad key", "ZeroDivisionError: boom"]
+    assert got[1]["failures"] == ["ConfigError: bad key", "RuntimeError: rank 0 failed: ZeroDivisionError: boom"]
     for g in got:  # both ranks hold the simulation's one buffer after averaging
         torch.testing.assert_close(g["ema"][0], simulated.running_mean)
         torch.testing.assert_close(g["ema"][1], simulated.running_var)

@@ -2,8 +2,8 @@
 
 ``torchrun`` (or SLURM tasks started by submitit) starts K copies of the job. Each finds its rank in the
 environment, joins one process group, and simulates W/K of the paper's W workers. Every function here is a
-no-op, or returns its input, in a single process, so the trainer calls them unconditionally (as pycls's
-``core/distributed.py`` does).
+no-op, or returns its input, in a single process (``data_parallel`` aside: it is only called with several),
+so the trainer calls them unconditionally (as pycls's ``core/distributed.py`` does).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer (a ra
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job: rank of size, its local rank on the node, the backend (None: alone)."""
+    """This process's place in the job: rank of size, its local rank on the node, the process group's
+    backends (None: alone; which one a job uses depends on its device: :func:`backend_for`)."""
 
     rank: int = 0
     size: int = 1
@@ -77,7 +78,7 @@ def init() -> World:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
     atexit.register(finish)
-    return World(rank, size, local_rank, "nccl" if cuda else "gloo")
+    return World(rank, size, local_rank, "cpu:gloo,cuda:nccl" if cuda else "gloo")
 
 
 def current() -> World:
@@ -85,7 +86,7 @@ def current() -> World:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return World()
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                 "nccl" if torch.cuda.is_available() else "gloo")
+                 "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
 
 
 def device_for(world: World, device: torch.device) -> torch.device:
@@ -130,19 +131,23 @@ def broadcast(value: T) -> T:
 
 
 def on_main(decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 alone, its result (or its ConfigError, raised again) on every rank."""
+    """`decide()` run on rank 0 alone, its result on every rank. Whatever it raises is raised on every rank too
+    (a ConfigError as itself, anything else as a RuntimeError naming it), so no rank is left waiting."""
     if current().size == 1:
         return decide()
-    outcome: Any = None
-    if current().main:
-        try:
-            outcome = ("value", decide())
-        except ConfigError as e:
-            outcome = ("error", e)
-    kind, payload = broadcast(outcome)
-    if kind == "error":
-        raise payload
-    return payload
+    if not current().main:
+        kind, payload = broadcast(None)
+        if kind == "error":
+            raise payload
+        return payload
+    try:
+        value = decide()
+    except BaseException as e:
+        told = e if isinstance(e, ConfigError) else RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}")
+        broadcast(("error", told))
+        raise
+    broadcast(("value", value))
+    return value
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

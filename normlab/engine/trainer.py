@@ -42,6 +42,7 @@ from normlab.loggers import build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
 from normlab.norms import norm_spec
+from normlab.norms.batch import SyncBatchNorm2d
 from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
 from normlab.switches import resolve_switch, switch
@@ -205,8 +206,11 @@ def resolve_runtime(cfg: DictConfig, state: dict | None, world: dist.World = dis
     precision = resolve_precision(cfg.trainer.precision, device)
     cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg),
                                     world.size)
-    layout = dist.on_main(lambda: resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state,
-                                                        world.size))  # one probe; every rank runs its choice
+    def probe() -> FormatChoice:  # on rank 0 alone, so synced BN must not wait for the other ranks
+        with SyncBatchNorm2d.within_process():
+            return resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state, world.size)
+
+    layout = dist.on_main(probe)  # one probe; every rank runs its choice
     return Runtime(device, precision, cuda_graph, layout, world)
 
 
@@ -339,9 +343,10 @@ def restore_into(records: RunDir, state: dict, job: Job) -> None:
     try:
         restore_checkpoint(state, model=job.model, optimizer=job.optimizer, schedule=job.schedule)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        aside = set_aside(records.checkpoint)
+        aside = set_aside(records.checkpoint).name if dist.current().main else "checkpoint.pt.corrupt-<time>"
         raise RuntimeError(f"{records.checkpoint.name} does not fit this job ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}); moved aside to {aside.name}. Rerun to start over") from None
+                           f"{str(e).splitlines()[0]}); moved aside to {aside} (by rank 0). Rerun to start "
+                           "over") from None
 
 
 def evaluation(cfg: DictConfig, rt: Runtime, job: Job, epoch: int) -> dict[str, float]:

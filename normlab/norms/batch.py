@@ -7,6 +7,9 @@ images is normalized as W chunks of N, each by its own statistics, as W GPUs run
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -364,23 +367,37 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
                  affine: bool = True) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
 
+    across_processes = True  # False (:meth:`within_process`): this process's images only, e.g. for a probe on one rank
+
+    @classmethod
+    @contextlib.contextmanager
+    def within_process(cls) -> Iterator[None]:
+        """While inside, every SyncBatchNorm2d normalizes over this process's batch alone (no collective)."""
+        before, cls.across_processes = cls.across_processes, False
+        try:
+            yield
+        finally:
+            cls.across_processes = before
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
-        if self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if (self.training and self.across_processes and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
             return self._all_reduced(x)
         return super().forward(x)
 
     def _all_reduced(self, x: torch.Tensor) -> torch.Tensor:
+        """Two all-reduces: the global mean, then the sum of squares around it (no E[x²] − E[x]² cancellation)."""
         from torch.distributed.nn.functional import all_reduce
 
         self._check_input_dim(x)
         xs = for_statistics(x)
         count = xs.new_tensor([x.numel() // x.shape[1]])
-        sums = all_reduce(torch.cat([xs.sum((0, 2, 3)), xs.square().sum((0, 2, 3)), count]))
+        sums = all_reduce(torch.cat([xs.sum((0, 2, 3)), count]))
         c, total = x.shape[1], sums[-1]
         mean = sums[:c] / total
-        var = (sums[c:2 * c] / total - mean.square()).clamp_min(0.0)
+        var = all_reduce((xs - mean[None, :, None, None]).square().sum((0, 2, 3))) / total
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
