@@ -22,15 +22,14 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
-                     share: slice = slice(None)) -> torch.Tensor:
+                     share: slice = slice(None), total: int | None = None) -> torch.Tensor:
     """Per sample: a random crop of the zero-padded image, at its original size, and (if `flip`) a
-    horizontal flip with p=0.5. Drawn for every image of `images` and applied to ``images[share]``: one rank's
-    share of the global batch gets exactly the augmentation a single process would give it."""
-    b, _, h, w = images.shape
-    device = images.device
-    offsets = torch.randint(0, 2 * padding + 1, (2, b, 1), generator=generator, device=device) if padding else None
-    flipped = torch.rand(b, generator=generator, device=device) < 0.5 if flip else None
-    images = images[share]
+    horizontal flip with p=0.5. `images` may be one rank's `share` of a batch of `total` images: the draws are
+    made for all `total` and the share's are applied, so it gets exactly what a single process would give it."""
+    _, _, h, w = images.shape
+    device, total = images.device, images.shape[0] if total is None else total
+    offsets = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator, device=device) if padding else None
+    flipped = torch.rand(total, generator=generator, device=device) < 0.5 if flip else None
     if padding:
         offsets = offsets[:, share]
         b = images.shape[0]
@@ -105,8 +104,7 @@ class DeviceLoader:
         share = slice(rank * per_rank, (rank + 1) * per_rank)
         for step in range(len(self)):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            images = self.images[index[share]]
             if self.augment:
-                images = random_crop_flip(self.images[index], self.padding, self.flip, generator, share)
-            else:
-                images = self.images[index[share]]
+                images = random_crop_flip(images, self.padding, self.flip, generator, share, len(index))
             yield self.normalize(images), self.labels[index[share]]
