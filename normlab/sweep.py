@@ -285,9 +285,9 @@ class SweepProgress(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
-            from normlab.engine.dist import launched
+            from normlab.engine.dist import launched_rank
 
-            if config.hydra.mode != RunMode.MULTIRUN or (launched() or (0,))[0] > 0:  # a job's rank 0 reports it
+            if config.hydra.mode != RunMode.MULTIRUN or launched_rank() > 0:  # a job's rank 0 reports it
                 return
             self._job_end(config, job_return)
         except Exception as e:  # noqa: BLE001

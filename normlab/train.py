@@ -85,7 +85,7 @@ def main(cfg: DictConfig) -> str:
             busy = isinstance(e, RunFolderBusy)
             log.log(logging.WARNING if busy else logging.ERROR, "%s job, skipped: %s", "busy" if busy else "invalid", e)
             return "busy" if busy else "invalid"
-        if (dist.launched() or (0,))[0] == 0:  # every rank stops alike; rank 0 says why
+        if dist.launched_rank() == 0:  # every rank stops alike; rank 0 says why
             print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()
@@ -100,8 +100,7 @@ def cli() -> None:
     """``normlab-train``: the app, with Hydra's own errors (an unknown option, a wrong type, a misspelt key)
     as one line and exit code 2, like normlab's."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; said here once, plainly
-    where = dist.launched()
-    if where is not None and where[0] > 0:  # under torchrun, rank 0 alone writes Hydra's files and the log
+    if dist.launched_rank() > 0:  # under torchrun, rank 0 alone writes Hydra's files and the log
         quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
                  if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
         sys.argv += ["hydra.output_subdir=null", *quiet]

@@ -142,7 +142,7 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     world = dist.init()
-    assert world == dist.World(rank, 2, rank, "gloo")
+    assert world == dist.World(rank, 2, rank) and dist.backend_for(torch.device("cpu")) == "gloo"
     x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3 + 1
     share = x[rank * 4:(rank + 1) * 4].clone().requires_grad_()
     sync = SyncBatchNorm2d(3, momentum=0.5).double().train()

@@ -26,13 +26,12 @@ TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer (a ra
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job: rank of size, its local rank on the node, the process group's
-    backends (None: alone; which one a job uses depends on its device: :func:`backend_for`)."""
+    """This process's place in the job: rank of size, and its local rank on the node (the backend a job's
+    collectives use depends on its device: :func:`backend_for`)."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    backend: str | None = None
 
     @property
     def main(self) -> bool:
@@ -61,6 +60,12 @@ def launched() -> tuple[int, int, int] | None:
     return _from_submitit()
 
 
+def launched_rank() -> int:
+    """This process's rank among the job's processes, before any group is joined: 0 when it runs alone."""
+    where = launched()
+    return 0 if where is None else where[0]
+
+
 def init() -> World:
     """Join the job's process group (once) and say where this process stands; World() when it runs alone.
 
@@ -72,21 +77,19 @@ def init() -> World:
     where = launched()
     if where is None:
         return World()
-    rank, size, local_rank = where
     cuda = torch.cuda.is_available()
     if cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(where[2] % torch.cuda.device_count())
     dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=TIMEOUT)
     atexit.register(finish)
-    return World(rank, size, local_rank, "cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return current()
 
 
 def current() -> World:
     """The process group this process joined, or World() if none."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return World()
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
-                 "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def device_for(world: World, device: torch.device) -> torch.device:
@@ -173,11 +176,6 @@ def average_buffers(model: nn.Module) -> None:
     flat /= size
     for buffer, value in zip(buffers, flat.split([b.numel() for b in buffers])):
         buffer.copy_(value.view_as(buffer))
-
-
-def barrier() -> None:
-    if current().size > 1:
-        dist.barrier()
 
 
 def finish() -> None:

@@ -38,7 +38,7 @@ from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choos
 from normlab.engine.step import CudaGraphStep, TrainStep, compile_model
 from normlab.engine.optim import build_optimizer, build_schedule
 from normlab.engine.rerun import job_changes, refuse_another_job
-from normlab.loggers import build_logger
+from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
 from normlab.norms import norm_spec
@@ -300,8 +300,7 @@ def run(cfg: DictConfig, records: RunDir, world: dist.World = dist.World()) -> d
         write_metrics(records.metrics, rows)  # realigned with what resumes
     wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    logger = build_logger(cfg.logger if world.main else OmegaConf.create({"name": "none"}), records.path, resolved,
-                          run_name(cfg))
+    logger = build_logger(cfg.logger, records.path, resolved, run_name(cfg)) if world.main else NullLogger()
     spec = norm_spec(cfg.norm.name)
     extra: dict[str, Any] = {"batch_dependent": spec.batch_dependent,  # a batch-independent norm's modes are alike
                              "bn_stats": cfg.eval.bn_stats if spec.batch_dependent or spec.synced

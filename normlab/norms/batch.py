@@ -210,6 +210,20 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
+@torch.no_grad()
+def update_running_stats(layer: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count) -> None:
+    """torch's BN update of `layer`'s running statistics, from (W, C) per-worker batch means and biased variances
+    over `count` values each (averaged over the workers; see PerWorkerBatchNorm2d). ``momentum=None``: the
+    cumulative average, its factor kept as a tensor, so the step never syncs with the host."""
+    layer.num_batches_tracked.add_(1)
+    factor = layer.momentum
+    if factor is None:
+        factor = layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
+    unbiased = var * (count / (count - 1))
+    layer.running_mean.lerp_(mean.mean(0).to(layer.running_mean.dtype), factor)
+    layer.running_var.lerp_(unbiased.mean(0).to(layer.running_var.dtype), factor)
+
+
 class PerWorkerBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm with statistics per worker batch: the paper's multi-GPU BN, statistics not synced.
 
@@ -259,7 +273,7 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         y, mean, var = _PerWorkerBatchNormFn.apply(x, self.weight, self.bias, self.workers, self.eps)
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean, var, count=x.shape[0] // self.workers * x.shape[2] * x.shape[3])
+            update_running_stats(self, mean, var, count=x.shape[0] // self.workers * x.shape[2] * x.shape[3])
         return y
 
     def _chunk_statistics(self, x: torch.Tensor, per_chunk: int) -> torch.Tensor:
@@ -271,15 +285,6 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
                 for part, chunks in parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        self.num_batches_tracked.add_(1)
-        factor = self.momentum
-        if factor is None:  # cumulative average, as a tensor: no host sync
-            factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        unbiased = var * (count / (count - 1))
-        self.running_mean.lerp_(mean.mean(0).to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
 
 
 class BatchRenorm2d(nn.Module):
@@ -353,7 +358,6 @@ class BatchRenorm2d(nn.Module):
         return torch.addcmul(per_sample(shift, x), x, per_sample(scale, x))
 
 
-
 class SyncBatchNorm2d(nn.BatchNorm2d):
     """BN whose statistics cover every image of the step (N·W): the paper's "BN at large batch" reference.
 
@@ -399,12 +403,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         mean = sums[:c] / total
         var = all_reduce((xs - mean[None, :, None, None]).square().sum((0, 2, 3))) / total
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                factor = (self.num_batches_tracked.to(mean.dtype).reciprocal() if self.momentum is None
-                          else self.momentum)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
-                self.running_var.lerp_((var.detach() * total / (total - 1)).to(self.running_var.dtype), factor)
+            update_running_stats(self, mean.detach()[None], var.detach()[None], total.detach())
         scale = torch.rsqrt(var + self.eps)
         shift = -mean * scale
         if self.affine:
