@@ -58,7 +58,7 @@ class DataConfig:
     flip: bool = True  # horizontal flips in the augmentation (off for digits: they are not mirror-symmetric)
     in_memory_max_gb: float = 4.0  # imagefolder: larger decoded sets stream through a DataLoader
     loader_workers: int = 4  # DataLoader workers for streamed image folders
-    cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default ~/.cache/normlab)
+    cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default $NORMLAB_CACHE or ~/.cache/normlab)
     eval_batch: int = 512
     train_subset: Optional[int] = None  # a seeded, class-stratified subset of this many training images
     test_subset: Optional[int] = None  # the same for the test set (default: the whole test set)

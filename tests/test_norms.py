@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.norms import NORMS, REGISTRY, WSConv2d, build_norm, standardize_convs
+from normlab.norms import NORMS, REGISTRY, WSConv2d, build_norm, cpu_kernel, standardize_convs
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -23,6 +23,16 @@ def float64():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(params=["kernel", "torch_ops"])
+def cpu_path(request, monkeypatch):
+    """Per-worker BN's two CPU implementations: normlab's kernel, and torch's ops (no compiler, torch.compile)."""
+    if request.param == "kernel" and not cpu_kernel.usable(torch.zeros(1)):
+        pytest.skip(f"the CPU kernel is not built here: {cpu_kernel.status()}")
+    if request.param == "torch_ops":
+        monkeypatch.setattr(cpu_kernel, "usable", lambda x: False)
+    return request.param
 
 
 def randomize_affine(layer: nn.Module, seed: int = 0) -> nn.Module:
@@ -126,6 +136,7 @@ class SlowPerWorkerBN(nn.Module):
         return torch.stack([getattr(bn, buffer) for bn in self.workers]).mean(0)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("workers, per_worker", [(2, 3), (4, 2), (8, 1)])
 def test_bn_with_workers_matches_a_loop_of_batch_norms_per_chunk(workers, per_worker, channels_last):
@@ -141,6 +152,7 @@ def test_bn_with_workers_matches_a_loop_of_batch_norms_per_chunk(workers, per_wo
     assert int(bn.num_batches_tracked) == 3
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_bn_cumulative_average_with_workers():
     bn = build_norm("bn", 3, workers=2, momentum=None)
     batches = [torch.randn(4, 3, 2, 2) + i for i in range(3)]
@@ -181,6 +193,7 @@ def test_bn_eval_uses_running_stats_for_any_batch_size():
     torch.testing.assert_close(bn(x), expected)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("workers", [4, 16])
 def test_bn_with_workers_in_bf16_matches_the_chunk_loop_within_bf16_rounding(workers, channels_last):
@@ -208,6 +221,7 @@ def x_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_bn_with_workers_without_affine_matches_the_chunk_loop(channels_last):
     bn = build_norm("bn", 3, workers=2, affine=False)
@@ -221,6 +235,7 @@ def test_bn_with_workers_without_affine_matches_the_chunk_loop(channels_last):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_bn_with_workers_output_takes_an_in_place_relu(channels_last):
     """A ResNet applies ReLU in place after BN: the output must be a tensor of its own, and the gradient right."""
@@ -235,6 +250,7 @@ def test_bn_with_workers_output_takes_an_in_place_relu(channels_last):
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_bn_with_workers_is_memory_format_agnostic():
     bn = build_norm("bn", 8, workers=4)
     x = torch.randn(8, 8, 5, 5)
@@ -243,6 +259,7 @@ def test_bn_with_workers_is_memory_format_agnostic():
     torch.testing.assert_close(y, y_cl)
 
 
+@pytest.mark.usefixtures("cpu_path")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bn_with_workers_under_bf16_autocast_stays_close_to_float32(channels_last):
     torch.manual_seed(0)
@@ -259,6 +276,7 @@ def test_bn_with_workers_under_bf16_autocast_stays_close_to_float32(channels_las
     assert torch.isfinite(bn.weight.grad).all()
 
 
+@pytest.mark.usefixtures("cpu_path")
 def test_bn_statistics_hold_for_a_channel_whose_mean_is_far_from_zero():
     bn = build_norm("bn", 2, workers=2).float()
     offset = torch.tensor([30.0, -30.0], dtype=torch.float32).view(1, 2, 1, 1)

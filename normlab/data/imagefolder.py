@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from normlab.cache import cache_dir
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.records import atomic_write
@@ -185,7 +186,7 @@ def cache_path(cfg, selection: Selection) -> Path:
                                      for n in names).encode()).hexdigest()
     key = f"{tree.path.resolve()}|{files}|{selection.size}|{selection.classes}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/normlab"))
+    root = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_dir()
     return root / f"imagefolder-{selection.tree.path.stem}-{selection.size}px-{digest}.pt"
 
 

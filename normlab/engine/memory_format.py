@@ -26,6 +26,8 @@ from typing import Any
 import torch
 
 import normlab
+import normlab.cache
+from normlab.norms import cpu_kernel
 from normlab.records import write_json
 from normlab.switches import switch
 
@@ -49,14 +51,13 @@ class FormatChoice:
 StepFactory = Callable[[bool], Callable[[torch.Tensor, torch.Tensor], Any]]
 
 
-def default_cache_dir() -> Path:
-    return Path(os.path.expanduser(os.environ.get("NORMLAB_CACHE", "~/.cache/normlab")))
-
-
 def cache_key(device: torch.device, **setting: Any) -> str:
     """One string per setting that can change which format is faster."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    parts = {"device": name, "torch": torch.__version__, "normlab": normlab.__version__, **setting}
+    if device.type == "cuda":
+        hardware = {"device": torch.cuda.get_device_name(device)}
+    else:  # per-worker BN's speed, and so the faster format, depends on its CPU kernel being built
+        hardware = {"device": f"cpu ({torch.get_num_threads()} threads)", "bn_kernel": cpu_kernel.status()}
+    parts = {**hardware, "torch": torch.__version__, "normlab": normlab.__version__, **setting}
     return json.dumps(parts, sort_keys=True, default=str)
 
 
@@ -97,7 +98,7 @@ def choose_memory_format(setting: Any, make_step: StepFactory, *, shape: tuple[i
     setting = switch(setting)
     if setting != "auto":
         return FormatChoice(setting == "true", f"trainer.channels_last={setting}")
-    folder = cache_dir or default_cache_dir()
+    folder = cache_dir or normlab.cache.cache_dir()
     with _cache_lock(folder):  # jobs of a sweep that start together probe once, and agree
         cached = read_cache(folder).get(key)
         if isinstance(cached, dict) and cached.get("format") in FORMATS.values():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.norms import cpu_kernel
+
 
 def check_workers(x: torch.Tensor, workers: int, kind: str) -> None:
     """A (W·N, C, H, W) batch must split evenly among W workers, with more than one value per channel each."""
@@ -180,12 +182,20 @@ def _per_sample_rows(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0)
 
 
+def _passes(x: torch.Tensor):
+    """(forward, backward) for `x`'s device: normlab's CPU kernel where it is built, else torch's ops."""
+    if cpu_kernel.usable(x):
+        return cpu_kernel.forward, cpu_kernel.backward
+    return (_cpu_forward, _cpu_backward) if x.device.type == "cpu" else (_cuda_forward, _cuda_backward)
+
+
 class _PerWorkerBatchNormFn(torch.autograd.Function):
     """BN with per-worker statistics: ``F.batch_norm``'s formulas applied to each worker's chunk at once.
 
-    On CUDA, pooled Welford moments and one fused elementwise pass each for the output and the input
-    gradient (:func:`_cuda_forward`). On a CPU, where small reductions and broadcasting elementwise ops
-    are slow, every pass runs in torch's own BN kernels (:func:`_cpu_forward`).
+    On a CPU, normlab's kernel (:mod:`normlab.norms.cpu_kernel`) where it is built; else (and under
+    torch.compile) every pass in torch's own BN kernels (:func:`_cpu_forward`), since small reductions and
+    broadcasting elementwise ops are slow there. On CUDA, pooled Welford moments and one fused elementwise
+    pass each for the output and the input gradient (:func:`_cuda_forward`).
     """
 
     @staticmethod
@@ -193,8 +203,7 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
         dtype = _stat_dtype(x)  # torch's kernels take bf16 input with float32 parameters, not bf16 ones
         w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
         b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
-        forward = _cpu_forward if x.device.type == "cpu" else _cuda_forward
-        y, mean, var, invstd = forward(x, w, b, workers, eps)
+        y, mean, var, invstd = _passes(x)[0](x, w, b, workers, eps)
         ctx.save_for_backward(x, w, mean, invstd)
         ctx.workers, ctx.eps, ctx.param_dtype = workers, eps, dtype if weight is None else weight.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -203,8 +212,7 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
-        backward = _cpu_backward if x.device.type == "cpu" else _cuda_backward
-        grad_x, sum_g_xhat, sum_g = backward(grad_y, x, weight, mean, invstd, ctx.workers, ctx.eps)
+        grad_x, sum_g_xhat, sum_g = _passes(x)[1](grad_y, x, weight, mean, invstd, ctx.workers, ctx.eps)
         grad_weight = sum_g_xhat.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sum_g.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None

@@ -1,0 +1,117 @@
+"""Per-worker BN's CPU kernel: how it is built, trusted, refused and replaced (its numbers: test_norms.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.norms import build_norm, cpu_kernel
+
+needs_compiler = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C++ compiler on PATH")
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty cache folder, and the kernel forgotten before and after."""
+    monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
+    cpu_kernel._library.cache_clear()
+    cpu_kernel._warn_once.cache_clear()
+    yield tmp_path
+    cpu_kernel._library.cache_clear()
+    cpu_kernel._warn_once.cache_clear()
+
+
+def chunk_loop(x, weight, bias, workers):
+    return torch.cat([F.batch_norm(c, None, None, weight, bias, training=True) for c in x.chunk(workers)])
+
+
+@needs_compiler
+def test_the_kernel_is_built_into_the_cache_once_and_then_loaded(fresh):
+    assert cpu_kernel.usable(torch.zeros(1))
+    (built,) = (fresh / "kernels").glob("per_worker_bn-*.so")
+    assert cpu_kernel.status() == built.name
+    mtime = built.stat().st_mtime_ns
+    cpu_kernel._library.cache_clear()
+    assert cpu_kernel.usable(torch.zeros(1)) and built.stat().st_mtime_ns == mtime
+    assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no partial build left behind
+
+
+@needs_compiler
+def test_a_library_others_may_write_is_rebuilt_not_loaded(fresh):
+    path = cpu_kernel.library_path(cpu_kernel.compiler())
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a library")
+    os.chmod(path, 0o666)
+    assert cpu_kernel.usable(torch.zeros(1)), cpu_kernel.status()
+    assert path.read_bytes()[:4] == b"\x7fELF" and not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+@needs_compiler
+def test_the_library_name_changes_with_the_compiler_flags(monkeypatch):
+    cxx = cpu_kernel.compiler()
+    before = cpu_kernel.library_path(cxx)
+    monkeypatch.setattr(cpu_kernel, "FLAGS", (*cpu_kernel.FLAGS, "-DNORMLAB_TEST"))
+    assert cpu_kernel.library_path(cxx) != before
+
+
+@pytest.mark.parametrize("cxx, reason", [("/nonexistent/c++", "no C++ compiler"), ("false", "failed")])
+def test_without_a_working_compiler_per_worker_bn_runs_on_torchs_ops_and_says_why(fresh, monkeypatch, caplog,
+                                                                                   cxx, reason):
+    monkeypatch.setenv("CXX", cxx)
+    bn = build_norm("bn", 3, workers=2)
+    x = torch.randn(4, 3, 5, 5)
+    with caplog.at_level(logging.WARNING, logger=cpu_kernel.__name__):
+        y = bn(x)
+        bn(x)
+    assert reason in cpu_kernel.status()
+    assert len([r for r in caplog.records if "torch's kernels" in r.getMessage()]) == 1
+    torch.testing.assert_close(y, chunk_loop(x, bn.weight, bn.bias, 2))
+
+
+def test_normlab_cpu_kernel_0_turns_it_off(fresh, monkeypatch):
+    monkeypatch.setenv("NORMLAB_CPU_KERNEL", "0")
+    assert not cpu_kernel.usable(torch.zeros(1)) and cpu_kernel.status() == "torch (NORMLAB_CPU_KERNEL=0)"
+    assert not list(fresh.glob("kernels/*"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
+def test_dtypes_the_kernel_lacks_and_other_devices_go_to_torch(dtype):
+    assert not cpu_kernel.usable(torch.zeros(1, dtype=dtype))
+    assert not cpu_kernel.usable(torch.zeros(1, device="meta"))
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_the_result_does_not_depend_on_the_thread_count(channels_last):
+    """Blocks are fixed by the shape, and pooled in one order: any thread count gives the same bits."""
+    x = torch.randn(32, 24, 9, 7).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(24) + 0.5, torch.randn(24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, mean, var, invstd = cpu_kernel.forward(x, weight, bias, 4, 1e-5)
+            results.append((y, mean, var, *cpu_kernel.backward(x, x, weight, mean, invstd, 4, 1e-5)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other))
+
+
+@needs_compiler
+def test_statistics_stay_exact_where_the_mean_dwarfs_the_spread():
+    """Two passes per block, pooled by Chan's formula: no E[x²] − E[x]² cancellation, even at mean/std = 1e4."""
+    x = (torch.randn(8, 2, 16, 16) + 1e4).float()
+    y, mean, var, _ = cpu_kernel.forward(x, torch.ones(2), torch.zeros(2), 2, 1e-5)
+    chunks = x.double().chunk(2)
+    expected = torch.stack([c.var((0, 2, 3), correction=0) for c in chunks]).float()
+    torch.testing.assert_close(var, expected, rtol=1e-3, atol=0)
+    torch.testing.assert_close(y, chunk_loop(x.double(), None, None, 2).float(), atol=2e-3, rtol=0)
