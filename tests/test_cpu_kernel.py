@@ -1,4 +1,4 @@
-"""Per-worker BN's CPU kernel: how it is built, trusted, refused and replaced (its numbers: test_norms.py)."""
+"""normlab's CPU kernel: how it is built, trusted, refused and replaced (its numbers: test_norms.py)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def chunk_loop(x, weight, bias, workers):
 @needs_compiler
 def test_the_kernel_is_built_into_the_cache_once_and_then_loaded(fresh):
     assert cpu_kernel.usable(torch.zeros(1))
-    (built,) = (fresh / "kernels").glob("per_worker_bn-*.so")
+    (built,) = (fresh / "kernels").glob("cpu_kernel-*.so")
     assert cpu_kernel.status() == built.name
     mtime = built.stat().st_mtime_ns
     cpu_kernel._library.cache_clear()
@@ -86,20 +86,26 @@ def test_dtypes_the_kernel_lacks_and_other_devices_go_to_torch(dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("units", [(8, 1), (1, 6)], ids=["per_worker_bn", "gn"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_the_result_does_not_depend_on_the_thread_count(channels_last):
+def test_the_result_does_not_depend_on_the_thread_count(channels_last, units):
     """Blocks are fixed by the shape, and pooled in one order: any thread count gives the same bits."""
     x = torch.randn(32, 24, 9, 7).bfloat16()
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.rand(24) + 0.5, torch.randn(24)
+    weight, bias = (torch.rand(24) + 0.5).requires_grad_(), torch.randn(24).requires_grad_()
+    grad = torch.randn_like(x)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y, mean, var, invstd = cpu_kernel.forward(x, weight, bias, 4, 1e-5)
-            results.append((y, mean, var, *cpu_kernel.backward(x, x, weight, mean, invstd, 4, 1e-5)))
+            x.grad = weight.grad = bias.grad = None
+            xg = x.detach().requires_grad_()
+            y, mean, var = cpu_kernel.normalize(xg, weight, bias, unit_samples=units[0], unit_channels=units[1],
+                                                eps=1e-5)
+            y.backward(grad)
+            results.append((y, mean, var, xg.grad, weight.grad, bias.grad))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -110,8 +116,22 @@ def test_the_result_does_not_depend_on_the_thread_count(channels_last):
 def test_statistics_stay_exact_where_the_mean_dwarfs_the_spread():
     """Two passes per block, pooled by Chan's formula: no E[x²] − E[x]² cancellation, even at mean/std = 1e4."""
     x = (torch.randn(8, 2, 16, 16) + 1e4).float()
-    y, mean, var, _ = cpu_kernel.forward(x, torch.ones(2), torch.zeros(2), 2, 1e-5)
+    y, mean, var = cpu_kernel.normalize(x, None, None, unit_samples=4, unit_channels=1, eps=1e-5)
     chunks = x.double().chunk(2)
     expected = torch.stack([c.var((0, 2, 3), correction=0) for c in chunks]).float()
     torch.testing.assert_close(var, expected, rtol=1e-3, atol=0)
     torch.testing.assert_close(y, chunk_loop(x.double(), None, None, 2).float(), atol=2e-3, rtol=0)
+
+
+@needs_compiler
+def test_running_statistics_in_another_dtype_than_the_kernels_are_updated_too():
+    """A float32 layer on float64 input: statistics in float64, the float32 buffers updated through a copy."""
+    bn = build_norm("bn", 3, workers=2)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    bn(x)
+    chunks = x.chunk(2)
+    mean = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    var = torch.stack([c.var((0, 2, 3)) for c in chunks]).mean(0)
+    assert bn.running_mean.dtype == torch.float32
+    torch.testing.assert_close(bn.running_mean, (0.1 * mean).float())
+    torch.testing.assert_close(bn.running_var, (0.9 + 0.1 * var).float())

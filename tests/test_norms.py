@@ -86,10 +86,16 @@ def group_norm_formula(x, groups, eps):
     return ((xg - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
 
 
+def as_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("options, groups", [({}, 32), ({"groups": 8}, 8), ({"group_size": 4}, 16),
                                              ({"groups": 1}, 1), ({"group_size": 1}, 64)])
-def test_gn_matches_torch_groupnorm_and_the_formula(options, groups):
-    x = torch.randn(3, 64, 5, 4)
+def test_gn_matches_torch_groupnorm_and_the_formula(options, groups, channels_last):
+    x = as_format(torch.randn(3, 64, 5, 4) * 3 + 2, channels_last)
     gn = randomize_affine(build_norm("gn", 64, **options))
     ref = nn.GroupNorm(groups, 64)
     ref.load_state_dict(gn.state_dict())
@@ -97,16 +103,38 @@ def test_gn_matches_torch_groupnorm_and_the_formula(options, groups):
     assert_matches(gn, Affine(gn, lambda t: group_norm_formula(t, groups, 1e-5)), x)
 
 
-def test_ln_matches_layer_norm_over_chw_with_per_channel_affine():
-    x = torch.randn(3, 6, 5, 4)
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_ln_matches_layer_norm_over_chw_with_per_channel_affine(channels_last):
+    x = as_format(torch.randn(3, 6, 5, 4), channels_last)
     ln = randomize_affine(build_norm("ln", 6, eps=1e-3))
     assert_matches(ln, Affine(ln, lambda t: F.layer_norm(t, t.shape[1:], eps=1e-3)), x)
 
 
-def test_in_matches_instance_norm():
-    x = torch.randn(3, 6, 5, 4)
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_in_matches_instance_norm(channels_last):
+    x = as_format(torch.randn(3, 6, 5, 4), channels_last)
     inorm = randomize_affine(build_norm("in", 6))
     assert_matches(inorm, Affine(inorm, lambda t: F.instance_norm(t, eps=1e-5)), x)
+
+
+@pytest.mark.usefixtures("cpu_path")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_gn_in_bf16_matches_the_float64_formula_within_bf16_rounding(channels_last):
+    """bf16 activations with float32 parameters, as under autocast; the output keeps x's dtype and format."""
+    torch.manual_seed(0)
+    gn = randomize_affine(build_norm("gn", 32, groups=8)).float()
+    ref = Affine(gn, lambda t: group_norm_formula(t, 8, 1e-5)).double()
+    x = as_format((torch.randn(4, 32, 6, 5) * 3 + 1).bfloat16(), channels_last)
+    grad = as_format(torch.randn_like(x), channels_last)
+    y, gx, gp = forward_backward(gn, x, grad)
+    y_ref, gx_ref, gp_ref = forward_backward(ref, x.double(), grad.double())
+    assert y.dtype == gx.dtype == torch.bfloat16 and y.is_contiguous(memory_format=x_format(x))
+    torch.testing.assert_close(y.double(), y_ref, atol=0.03, rtol=0.01)
+    torch.testing.assert_close(gx.double(), gx_ref, atol=0.03, rtol=0.01)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name].double(), gp_ref[name], atol=1e-2, rtol=1e-2, msg=name)
 
 
 def test_gn_ws_layer_is_group_norm():

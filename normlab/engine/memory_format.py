@@ -55,8 +55,8 @@ def cache_key(device: torch.device, **setting: Any) -> str:
     """One string per setting that can change which format is faster."""
     if device.type == "cuda":
         hardware = {"device": torch.cuda.get_device_name(device)}
-    else:  # per-worker BN's speed, and so the faster format, depends on its CPU kernel being built
-        hardware = {"device": f"cpu ({torch.get_num_threads()} threads)", "bn_kernel": cpu_kernel.status()}
+    else:  # BN's and GN's speed, and so the faster format, depends on normlab's CPU kernel being built
+        hardware = {"device": f"cpu ({torch.get_num_threads()} threads)", "cpu_kernel": cpu_kernel.status()}
     parts = {**hardware, "torch": torch.__version__, "normlab": normlab.__version__, **setting}
     return json.dumps(parts, sort_keys=True, default=str)
 

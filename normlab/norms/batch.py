@@ -182,20 +182,29 @@ def _per_sample_rows(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return stat.repeat_interleave(x.shape[0] // stat.shape[0], dim=0)
 
 
-def _passes(x: torch.Tensor):
-    """(forward, backward) for `x`'s device: normlab's CPU kernel where it is built, else torch's ops."""
+def per_worker_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, workers: int,
+                          eps: float, running: nn.BatchNorm2d | None = None,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, biased var) of `x` normalized per worker chunk, the statistics (W, C); `running`: a layer whose
+    running statistics take this batch's (:func:`update_running_stats`). normlab's CPU kernel where it is
+    built (:mod:`normlab.norms.cpu_kernel`), else :class:`_PerWorkerBatchNormFn`."""
     if cpu_kernel.usable(x):
-        return cpu_kernel.forward, cpu_kernel.backward
-    return (_cpu_forward, _cpu_backward) if x.device.type == "cpu" else (_cuda_forward, _cuda_backward)
+        buffers = None if running is None else (running.running_mean, running.running_var, float(_count_batch(running)))
+        return cpu_kernel.normalize(x, weight, bias, unit_samples=x.shape[0] // workers, unit_channels=1, eps=eps,
+                                    running=buffers)
+    y, mean, var = _PerWorkerBatchNormFn.apply(x, weight, bias, workers, eps)
+    if running is not None:
+        update_running_stats(running, mean, var, count=x.shape[0] // workers * x.shape[2] * x.shape[3])
+    return y, mean, var
 
 
 class _PerWorkerBatchNormFn(torch.autograd.Function):
-    """BN with per-worker statistics: ``F.batch_norm``'s formulas applied to each worker's chunk at once.
+    """BN with per-worker statistics in torch's ops: ``F.batch_norm``'s formulas applied to each worker's chunk at once.
 
-    On a CPU, normlab's kernel (:mod:`normlab.norms.cpu_kernel`) where it is built; else (and under
-    torch.compile) every pass in torch's own BN kernels (:func:`_cpu_forward`), since small reductions and
-    broadcasting elementwise ops are slow there. On CUDA, pooled Welford moments and one fused elementwise
-    pass each for the output and the input gradient (:func:`_cuda_forward`).
+    On CUDA, pooled Welford moments and one fused elementwise pass each for the output and the input
+    gradient (:func:`_cuda_forward`). On a CPU without normlab's kernel, and under torch.compile, every pass
+    in torch's own BN kernels (:func:`_cpu_forward`), since small reductions and broadcasting elementwise ops
+    are slow there.
     """
 
     @staticmethod
@@ -203,7 +212,8 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
         dtype = _stat_dtype(x)  # torch's kernels take bf16 input with float32 parameters, not bf16 ones
         w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
         b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
-        y, mean, var, invstd = _passes(x)[0](x, w, b, workers, eps)
+        forward = _cpu_forward if x.device.type == "cpu" else _cuda_forward
+        y, mean, var, invstd = forward(x, w, b, workers, eps)
         ctx.save_for_backward(x, w, mean, invstd)
         ctx.workers, ctx.eps, ctx.param_dtype = workers, eps, dtype if weight is None else weight.dtype
         ctx.mark_non_differentiable(mean, var)
@@ -212,21 +222,28 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         x, weight, mean, invstd = ctx.saved_tensors
-        grad_x, sum_g_xhat, sum_g = _passes(x)[1](grad_y, x, weight, mean, invstd, ctx.workers, ctx.eps)
+        backward = _cpu_backward if x.device.type == "cpu" else _cuda_backward
+        grad_x, sum_g_xhat, sum_g = backward(grad_y, x, weight, mean, invstd, ctx.workers, ctx.eps)
         grad_weight = sum_g_xhat.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[1] else None
         grad_bias = sum_g.sum(0).to(ctx.param_dtype) if ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None
 
 
 @torch.no_grad()
+def _count_batch(layer: nn.BatchNorm2d) -> float | torch.Tensor:
+    """Counts one more batch; the factor of its running-statistics update: the momentum, or for the cumulative
+    average (``momentum=None``) 1/batches, kept as a tensor, so that a step never syncs with the host."""
+    layer.num_batches_tracked.add_(1)
+    if layer.momentum is not None:
+        return layer.momentum
+    return layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
+
+
+@torch.no_grad()
 def update_running_stats(layer: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count) -> None:
     """torch's BN update of `layer`'s running statistics, from (W, C) per-worker batch means and biased variances
-    over `count` values each (averaged over the workers; see PerWorkerBatchNorm2d). ``momentum=None``: the
-    cumulative average, its factor kept as a tensor, so the step never syncs with the host."""
-    layer.num_batches_tracked.add_(1)
-    factor = layer.momentum
-    if factor is None:
-        factor = layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
+    over `count` values each (averaged over the workers; see PerWorkerBatchNorm2d)."""
+    factor = _count_batch(layer)
     unbiased = var * (count / (count - 1))
     layer.running_mean.lerp_(mean.mean(0).to(layer.running_mean.dtype), factor)
     layer.running_var.lerp_(unbiased.mean(0).to(layer.running_var.dtype), factor)
@@ -279,17 +296,15 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
         check_workers(x, self.workers, "bn")  # checks the shape, before torch's terser check
         if self.workers == 1:
             return super().forward(x)
-        y, mean, var = _PerWorkerBatchNormFn.apply(x, self.weight, self.bias, self.workers, self.eps)
-        if self.training and self.track_running_stats:
-            update_running_stats(self, mean, var, count=x.shape[0] // self.workers * x.shape[2] * x.shape[3])
-        return y
+        running = self if self.training and self.track_running_stats else None
+        return per_worker_batch_norm(x, self.weight, self.bias, self.workers, self.eps, running)[0]
 
     def _chunk_statistics(self, x: torch.Tensor, per_chunk: int) -> torch.Tensor:
         """Each chunk of `per_chunk` images normalized by its own statistics (a last, smaller chunk by its own);
         the running statistics are neither read nor updated."""
         full = x.shape[0] // per_chunk * per_chunk
         parts = [(x[:full], full // per_chunk)] * bool(full) + [(x[full:], 1)] * (full < x.shape[0])
-        outs = [_PerWorkerBatchNormFn.apply(part, self.weight, self.bias, chunks, self.eps)[0]
+        outs = [per_worker_batch_norm(part, self.weight, self.bias, chunks, self.eps)[0]
                 for part, chunks in parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

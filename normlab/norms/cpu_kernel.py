@@ -1,8 +1,10 @@
-"""Per-worker BN's CPU kernel (per_worker_bn.cpp): built once per machine with the C++ compiler, loaded with ctypes.
+"""Per-worker BN's and GN's CPU kernel (cpu_kernel.cpp): built once per machine with the C++ compiler, loaded with ctypes.
 
-torch's CPU BN kernels normalize a whole batch; per-worker BN built from them needs extra passes and a Python
-loop over the workers, and in channels_last torch's BN is slow even alone. The kernel makes each statistic in
-one read of memory, in either layout, for float32, bfloat16 and float64.
+torch's CPU BN kernels normalize a whole batch: per-worker BN built from them needs extra passes and a Python
+loop over the workers. In channels_last torch's BN and GroupNorm are slow even alone, while the convolutions
+around them want that layout. The kernel makes each statistic in one read of memory, in either layout, for
+float32, bfloat16 and float64, for any "unit" of normalization: a worker's N samples of one channel (BN) or
+one sample's C/G channels (GN).
 
 It is plain C++ (no torch headers: about a second to build), compiled with ``$CXX`` (else ``c++``) and
 ``-O3 -march=native -fopenmp`` into normlab's cache folder under a name hashed from the source, the compiler,
@@ -31,8 +33,8 @@ from normlab.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("per_worker_bn.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("cpu_kernel.cpp")
+FLAGS = ("-std=c++17", "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}  # the kernel's dtype codes
 BUILD_TIMEOUT_S = 300
 
@@ -54,7 +56,7 @@ def _cpu_identity() -> str:
 def library_path(cxx: str) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256("\n".join([SOURCE.read_text(), cxx, version, " ".join(FLAGS), _cpu_identity()]).encode())
-    return cache_dir() / "kernels" / f"per_worker_bn-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / "kernels" / f"cpu_kernel-{digest.hexdigest()[:16]}.so"
 
 
 def _trusted(path: Path) -> bool:
@@ -97,19 +99,20 @@ def _library() -> ctypes.CDLL | str:
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         return f"building {SOURCE.name} failed: {error}"
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.normlab_pwbn_forward.argtypes = [i32, *[ptr] * 7, i64, i64, i64, i64, i32, ctypes.c_double, i32]
-    lib.normlab_pwbn_backward.argtypes = [i32, *[ptr] * 8, i64, i64, i64, i64, i32, i32]
-    lib.normlab_pwbn_forward.restype = lib.normlab_pwbn_backward.restype = i32
+    lib.normlab_norm_forward.argtypes = [i32, *[ptr] * 9, ctypes.c_double, i64, i64, i64, i64, i64, i32,
+                                         ctypes.c_double, i32]
+    lib.normlab_norm_backward.argtypes = [i32, *[ptr] * 8, i64, i64, i64, i64, i64, i32, i32]
+    lib.normlab_norm_forward.restype = lib.normlab_norm_backward.restype = i32
     return lib
 
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    log.warning("per-worker BN on the CPU uses torch's kernels, slower: %s", reason)
+    log.warning("per-worker BN and GN on the CPU use torch's kernels, slower: %s", reason)
 
 
 def status() -> str:
-    """What per-worker BN runs on the CPU: the kernel's file name, or torch's kernels and why."""
+    """What per-worker BN and GN run on the CPU: the kernel's file name, or torch's kernels and why."""
     lib = _library()
     return Path(lib._name).name if isinstance(lib, ctypes.CDLL) else f"torch ({lib})"
 
@@ -129,32 +132,71 @@ def _channels_last(x: torch.Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _dims(x: torch.Tensor, workers: int) -> tuple[int, int, int, int, int]:
-    """(workers, per-worker batch, channels, H·W, channels_last) as the kernel takes them."""
-    return workers, x.shape[0] // workers, x.shape[1], x.shape[2] * x.shape[3], int(_channels_last(x))
+def _in_a_layout(x: torch.Tensor) -> torch.Tensor:
+    return x if x.is_contiguous() or _channels_last(x) else x.contiguous()
 
 
-def forward(x, weight, bias, workers, eps):
-    """(y, mean, var, invstd), each statistic (W, C); `weight` and `bias` in the statistics' dtype."""
-    x = x if x.is_contiguous() or _channels_last(x) else x.contiguous()
-    y = torch.empty_like(x)
-    mean, var, invstd = (torch.empty(workers, x.shape[1], dtype=weight.dtype) for _ in range(3))
-    error = _library().normlab_pwbn_forward(DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), weight.data_ptr(),
-                                            bias.data_ptr(), mean.data_ptr(), var.data_ptr(), invstd.data_ptr(),
-                                            *_dims(x, workers), eps, torch.get_num_threads())
-    assert not error, f"per-worker BN kernel: unknown dtype {x.dtype}"
-    return y, mean, var, invstd
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def backward(grad_y, x, weight, mean, invstd, workers, eps):
-    """(grad_x, Σ grad·x̂, Σ grad), the sums per worker and channel; `x` as :func:`forward` took it."""
-    x = x if x.is_contiguous() or _channels_last(x) else x.contiguous()
-    grad_y = grad_y.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
-    grad_x = torch.empty_like(x)
-    sum_g_xhat, sum_g = torch.empty_like(mean), torch.empty_like(mean)
-    error = _library().normlab_pwbn_backward(DTYPES[x.dtype], grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(),
-                                             weight.data_ptr(), mean.data_ptr(), invstd.data_ptr(),
-                                             sum_g_xhat.data_ptr(), sum_g.data_ptr(), *_dims(x, workers),
-                                             torch.get_num_threads())
-    assert not error, f"per-worker BN kernel: unknown dtype {x.dtype}"
-    return grad_x, sum_g_xhat, sum_g
+def _dims(x: torch.Tensor, unit_samples: int, unit_channels: int) -> tuple[int, ...]:
+    """(S, C, H·W, unit samples, unit channels, channels_last) as the kernel takes them."""
+    return (x.shape[0], x.shape[1], x.shape[2] * x.shape[3], unit_samples, unit_channels, int(_channels_last(x)))
+
+
+class _Normalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, unit_samples: int, unit_channels: int, eps: float, running):
+        x = _in_a_layout(x)
+        y = torch.empty_like(x)
+        units = (x.shape[0] // unit_samples, x.shape[1] // unit_channels)
+        mean, var, invstd = (torch.empty(units, dtype=weight.dtype) for _ in range(3))
+        running_mean, running_var, factor = running or (None, None, 0.0)
+        error = _library().normlab_norm_forward(
+            DTYPES[x.dtype], x.data_ptr(), y.data_ptr(), weight.data_ptr(), bias.data_ptr(), mean.data_ptr(),
+            var.data_ptr(), invstd.data_ptr(), running_mean.data_ptr() if running else None,
+            running_var.data_ptr() if running else None, factor, *_dims(x, unit_samples, unit_channels), eps,
+            torch.get_num_threads())
+        assert not error, f"normlab's CPU kernel refused {x.dtype} input or running statistics for units of channels"
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.units = unit_samples, unit_channels
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, mean, invstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last if _channels_last(x) else torch.contiguous_format)
+        grad_x = torch.empty_like(x)
+        grad_weight, grad_bias = torch.empty_like(weight), torch.empty_like(weight)
+        error = _library().normlab_norm_backward(
+            DTYPES[x.dtype], grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(), weight.data_ptr(), mean.data_ptr(),
+            invstd.data_ptr(), grad_weight.data_ptr(), grad_bias.data_ptr(), *_dims(x, *ctx.units),
+            torch.get_num_threads())
+        assert not error, f"normlab's CPU kernel: unknown dtype {x.dtype}"
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def normalize(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, *, unit_samples: int,
+              unit_channels: int, eps: float,
+              running: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, biased var) of a (S, C, H, W) batch normalized per unit of `unit_samples` consecutive samples
+    and `unit_channels` consecutive channels, then scaled by `weight` and shifted by `bias` per channel
+    (None: 1 and 0). The statistics are (S / unit_samples, C / unit_channels), float32 (float64 for float64
+    input); y has x's dtype and memory format. `running` (running mean, running var, factor), for units of one
+    channel: both buffers move by `factor` toward the units' mean and unbiased variance averaged over the
+    units of each channel, in place. Call only where :func:`usable` says so."""
+    dtype = _stat_dtype(x)
+    w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
+    b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
+    buffers = running[:2] if running else ()
+    kept = [t if t.dtype == dtype and t.is_contiguous() else t.to(dtype, memory_format=torch.contiguous_format)
+            for t in buffers]
+    y, mean, var = _Normalize.apply(x, w.contiguous(), b.contiguous(), unit_samples, unit_channels, eps,
+                                    (*kept, running[2]) if running else None)
+    for buffer, copy in zip(buffers, kept):
+        if copy is not buffer:
+            buffer.copy_(copy)
+    return y, mean, var

@@ -1,4 +1,4 @@
-"""GroupNorm and its two extremes, LayerNorm (G=1) and InstanceNorm (G=C), on torch's native kernel.
+"""GroupNorm and its two extremes, LayerNorm (G=1) and InstanceNorm (G=C).
 
 Wu & He, "Group Normalization" (ECCV 2018): channels are split into G groups and each sample is
 normalized over (C/G, H, W) within every group, with a per-channel affine γ, β. The paper's Table 3
@@ -7,9 +7,22 @@ ablates G at a fixed count and at a fixed number of channels per group, hence th
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from normlab.norms import cpu_kernel
 from normlab.protocol import DEFAULT_GROUPS
+
+
+class GroupNorm2d(nn.GroupNorm):
+    """``nn.GroupNorm`` on (N, C, H, W) batches; on a CPU through normlab's kernel where it is built (torch's own
+    GroupNorm kernel is slow in channels_last, which the convolutions around it want), else torch's."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or not cpu_kernel.usable(x):
+            return super().forward(x)
+        return cpu_kernel.normalize(x, self.weight, self.bias, unit_samples=1,
+                                    unit_channels=self.num_channels // self.num_groups, eps=self.eps)[0]
 
 
 class NormChannelError(ValueError):
@@ -41,16 +54,16 @@ def resolve_groups(num_channels: int, groups: int | None, group_size: int | None
 
 
 def group_norm(num_channels: int, *, groups: int | None = None, group_size: int | None = None,
-               eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
+               eps: float = 1e-5, affine: bool = True) -> GroupNorm2d:
     """GroupNorm with G = `groups` (default 32) or G = C / `group_size`."""
-    return nn.GroupNorm(resolve_groups(num_channels, groups, group_size), num_channels, eps, affine)
+    return GroupNorm2d(resolve_groups(num_channels, groups, group_size), num_channels, eps, affine)
 
 
-def layer_norm(num_channels: int, *, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
+def layer_norm(num_channels: int, *, eps: float = 1e-5, affine: bool = True) -> GroupNorm2d:
     """LayerNorm over (C, H, W) per sample with a per-channel affine: GroupNorm with G=1, as in the paper."""
-    return nn.GroupNorm(1, num_channels, eps, affine)
+    return GroupNorm2d(1, num_channels, eps, affine)
 
 
-def instance_norm(num_channels: int, *, eps: float = 1e-5, affine: bool = True) -> nn.GroupNorm:
+def instance_norm(num_channels: int, *, eps: float = 1e-5, affine: bool = True) -> GroupNorm2d:
     """InstanceNorm over (H, W) per sample and channel: GroupNorm with G=C, as in the paper."""
-    return nn.GroupNorm(num_channels, num_channels, eps, affine)
+    return GroupNorm2d(num_channels, num_channels, eps, affine)
