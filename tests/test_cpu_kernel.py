@@ -135,3 +135,102 @@ def test_running_statistics_in_another_dtype_than_the_kernels_are_updated_too():
     assert bn.running_mean.dtype == torch.float32
     torch.testing.assert_close(bn.running_mean, (0.1 * mean).float())
     torch.testing.assert_close(bn.running_var, (0.9 + 0.1 * var).float())
+
+
+@needs_compiler
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("groups", [1, 4, 12])
+def test_units_of_channels_are_torchs_group_norm_in_both_layouts(channels_last, groups):
+    """GroupNorm2d sends only channels_last here; the kernel's NCHW units of channels are checked all the same."""
+    x = torch.randn(5, 12, 7, 6, dtype=torch.float64) * 2 + 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(12, dtype=torch.float64) + 0.5, torch.randn(12, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = cpu_kernel.normalize(*inputs, unit_samples=1, unit_channels=12 // groups, eps=1e-5)[0]
+    y.backward(grad)
+    reference = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y_ref = F.group_norm(reference[0], groups, reference[1], reference[2], eps=1e-5)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    for mine, theirs in zip(inputs, reference):
+        torch.testing.assert_close(mine.grad, theirs.grad)
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, channels, build", [
+    ("bn", 5, lambda: build_norm("bn", 3, workers=2)),
+    ("gn", 6, lambda: build_norm("gn", 4, groups=2)),
+])
+def test_an_input_of_another_channel_count_is_refused_before_the_kernel_touches_memory(name, channels, build):
+    layer = build()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(4, channels, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=f"elements for an input of {channels} channels"):
+        layer(x)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+@needs_compiler
+def test_units_that_do_not_tile_the_input_are_refused():
+    with pytest.raises(ValueError, match="do not tile"):
+        cpu_kernel.normalize(torch.randn(4, 6, 3, 3), None, None, unit_samples=3, unit_channels=1, eps=1e-5)
+    with pytest.raises(ValueError, match="do not tile"):
+        cpu_kernel.normalize(torch.randn(4, 6, 3, 3), None, None, unit_samples=1, unit_channels=0, eps=1e-5)
+
+
+@needs_compiler
+def test_a_second_derivative_is_refused_not_silently_wrong():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    y = cpu_kernel.normalize(x, None, None, unit_samples=2, unit_channels=1, eps=1e-5)[0]
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad.sum().backward()
+
+
+@needs_compiler
+def test_running_statistics_written_by_the_kernel_count_as_in_place_changes():
+    bn = build_norm("bn", 3, workers=2)
+    version = bn.running_mean._version
+    bn(torch.randn(4, 3, 5, 5))
+    assert bn.running_mean._version > version and bn.running_var._version > version
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_rebuilt(fresh):
+    path = cpu_kernel.library_path(cpu_kernel.compiler())
+    path.parent.mkdir(mode=0o700, parents=True)
+    path.write_bytes(b"\x7fELF truncated")
+    os.chmod(path, 0o755)
+    assert cpu_kernel.usable(torch.zeros(1)), cpu_kernel.status()
+
+
+def test_a_cache_folder_it_cannot_write_leaves_torchs_kernels_at_work(fresh, monkeypatch):
+    monkeypatch.setenv("NORMLAB_CACHE", "/proc/normlab-cannot-write-here")
+    bn = build_norm("bn", 3, workers=2)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(bn(x), chunk_loop(x, bn.weight, bn.bias, 2))
+    assert "failed" in cpu_kernel.status()
+
+
+@needs_compiler
+@pytest.mark.parametrize("units", [(3, 1), (1, 8)], ids=["per_worker_bn", "gn"])
+def test_several_blocks_per_sample_and_a_partial_channel_chunk_match_torch(units):
+    """channels_last with C=40 (two full chunks of 16 channels and one of 8) and 255 positions a sample (rows of
+    204 per block, so a short second block): against torch's per-chunk BN and group norm, in float64."""
+    x = (torch.randn(6, 40, 15, 17, dtype=torch.float64) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(40, dtype=torch.float64) + 0.5, torch.randn(40, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    mine = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    y = cpu_kernel.normalize(*mine, unit_samples=units[0], unit_channels=units[1], eps=1e-5)[0]
+    y.backward(grad)
+    ref = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    if units[1] == 1:
+        y_ref = chunk_loop(ref[0], ref[1], ref[2], 6 // units[0])
+    else:
+        y_ref = F.group_norm(ref[0], 40 // units[1], ref[1], ref[2], eps=1e-5)
+    y_ref.backward(grad)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -64,10 +64,6 @@ def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _per_sample_view(x: torch.Tensor) -> torch.Tensor:
     """A contiguous (W·N, C, H, W) tensor as (1, W·N·C, H·W): one 'channel' per sample and channel."""
     return x.view(1, x.shape[0] * x.shape[1], -1)
@@ -113,7 +109,7 @@ def _cpu_forward(x, weight, bias, workers, eps):
     the layout torch's BN kernel reads fastest, so each worker is one native BN call writing its slice.
     """
     count = x.shape[0] // workers * x.shape[2] * x.shape[3]
-    if _is_channels_last(x):
+    if cpu_kernel.is_channels_last(x):
         y = torch.empty_like(x)
         mean = x.new_empty(workers, x.shape[1], dtype=_stat_dtype(x))
         invstd = torch.empty_like(mean)
@@ -133,7 +129,7 @@ def _cpu_forward(x, weight, bias, workers, eps):
 
 def _cpu_backward(grad_y, x, weight, mean, invstd, workers, eps):
     """(grad_x, Σ grad·x̂, Σ grad) on the CPU, the sums per worker and channel; see :func:`_cpu_forward`."""
-    if _is_channels_last(x):
+    if cpu_kernel.is_channels_last(x):
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x)
         sum_g_xhat, sum_g = torch.empty_like(mean), torch.empty_like(mean)
@@ -189,9 +185,16 @@ def per_worker_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     running statistics take this batch's (:func:`update_running_stats`). normlab's CPU kernel where it is
     built (:mod:`normlab.norms.cpu_kernel`), else :class:`_PerWorkerBatchNormFn`."""
     if cpu_kernel.usable(x):
-        buffers = None if running is None else (running.running_mean, running.running_var, float(_count_batch(running)))
-        return cpu_kernel.normalize(x, weight, bias, unit_samples=x.shape[0] // workers, unit_channels=1, eps=eps,
-                                    running=buffers)
+        buffers = None
+        if running is not None:  # torch's factor for this batch: the momentum, or 1/batches for momentum=None
+            momentum = running.momentum
+            factor = momentum if momentum is not None else 1.0 / (int(running.num_batches_tracked) + 1)
+            buffers = (running.running_mean, running.running_var, factor)
+        out = cpu_kernel.normalize(x, weight, bias, unit_samples=x.shape[0] // workers, unit_channels=1, eps=eps,
+                                   running=buffers)
+        if running is not None:
+            running.num_batches_tracked.add_(1)
+        return out
     y, mean, var = _PerWorkerBatchNormFn.apply(x, weight, bias, workers, eps)
     if running is not None:
         update_running_stats(running, mean, var, count=x.shape[0] // workers * x.shape[2] * x.shape[3])
@@ -230,20 +233,14 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _count_batch(layer: nn.BatchNorm2d) -> float | torch.Tensor:
-    """Counts one more batch; the factor of its running-statistics update: the momentum, or for the cumulative
-    average (``momentum=None``) 1/batches, kept as a tensor, so that a step never syncs with the host."""
-    layer.num_batches_tracked.add_(1)
-    if layer.momentum is not None:
-        return layer.momentum
-    return layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
-
-
-@torch.no_grad()
 def update_running_stats(layer: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count) -> None:
     """torch's BN update of `layer`'s running statistics, from (W, C) per-worker batch means and biased variances
-    over `count` values each (averaged over the workers; see PerWorkerBatchNorm2d)."""
-    factor = _count_batch(layer)
+    over `count` values each (averaged over the workers; see PerWorkerBatchNorm2d). ``momentum=None``: the
+    cumulative average, its factor kept as a tensor, so the step never syncs with the host."""
+    layer.num_batches_tracked.add_(1)
+    factor = layer.momentum
+    if factor is None:
+        factor = layer.num_batches_tracked.to(layer.running_mean.dtype).reciprocal()
     unbiased = var * (count / (count - 1))
     layer.running_mean.lerp_(mean.mean(0).to(layer.running_mean.dtype), factor)
     layer.running_var.lerp_(unbiased.mean(0).to(layer.running_var.dtype), factor)

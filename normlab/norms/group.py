@@ -15,11 +15,11 @@ from normlab.protocol import DEFAULT_GROUPS
 
 
 class GroupNorm2d(nn.GroupNorm):
-    """``nn.GroupNorm`` on (N, C, H, W) batches; on a CPU through normlab's kernel where it is built (torch's own
-    GroupNorm kernel is slow in channels_last, which the convolutions around it want), else torch's."""
+    """``nn.GroupNorm``; a channels_last batch on a CPU goes through normlab's kernel where it is built: torch's
+    GroupNorm kernel is slow in that layout, which the convolutions around it want (in NCHW torch's is faster)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or not cpu_kernel.usable(x):
+        if x.dim() != 4 or not cpu_kernel.is_channels_last(x) or not cpu_kernel.usable(x):
             return super().forward(x)
         return cpu_kernel.normalize(x, self.weight, self.bias, unit_samples=1,
                                     unit_channels=self.num_channels // self.num_groups, eps=self.eps)[0]
