@@ -11,6 +11,7 @@ import torch
 from normlab.engine import memory_format
 from normlab.engine.memory_format import CACHE_FILE, PROBE_STEPS, cache_key, choose_memory_format
 from normlab.engine.trainer import train
+from normlab.norms import cpu_kernel
 from normlab.records import read_metrics
 
 CPU = torch.device("cpu")
@@ -49,6 +50,9 @@ def test_the_cache_answers_the_same_setting_and_another_setting_probes_again(tmp
     key = cache_key(CPU, model="resnet20", batch=(2, 8), precision="bf16")
     assert key != cache_key(CPU, model="resnet8", batch=(2, 8), precision="bf16")
     assert key != cache_key(CPU, model="resnet20", batch=(4, 8), precision="bf16")
+    with pytest.MonkeyPatch.context() as patch:  # BN and GN on torch's kernels instead of normlab's: probe again
+        patch.setattr(cpu_kernel, "status", lambda: "torch (no C++ compiler)")
+        assert key != cache_key(CPU, model="resnet20", batch=(2, 8), precision="bf16")
     assert probe(sleeping_steps({True: 0.006, False: 0.001}, other), tmp_path, key=key).channels_last is False
     assert sorted(other) == [False, True]
 
@@ -71,6 +75,7 @@ def test_a_probed_run_trains_exactly_as_a_run_set_to_the_format_it_picked(tiny, 
     common = ("trainer.epochs=2", "trainer.precision=fp32")
     probed = train(tiny("trainer.channels_last=auto", *common), tmp_path / "auto")
     assert probed["memory_format_reason"].startswith("auto, probed")
+    assert probed["cpu_kernel"] == cpu_kernel.status()  # what BN and GN ran on, beside the format it favoured
     explicit = train(tiny(f"trainer.channels_last={probed['memory_format'] == 'channels_last'}", *common),
                      tmp_path / "set")
     assert explicit["memory_format"] == probed["memory_format"]

@@ -41,7 +41,7 @@ from normlab.engine.rerun import job_changes, refuse_another_job
 from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
-from normlab.norms import norm_spec
+from normlab.norms import cpu_kernel, norm_spec
 from normlab.norms.batch import SyncBatchNorm2d
 from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
@@ -309,7 +309,8 @@ def run(cfg: DictConfig, records: RunDir, world: dist.World = dist.World()) -> d
         rt = resolve_runtime(cfg, state, world)
         extra.update(device=rt.device.type, precision=rt.precision, compiled=bool(cfg.trainer.compile),
                      cuda_graph=rt.cuda_graph, memory_format=rt.layout.name, memory_format_reason=rt.layout.reason,
-                     world_size=world.size, backend=dist.backend_for(rt.device))
+                     world_size=world.size, backend=dist.backend_for(rt.device),
+                     cpu_kernel=cpu_kernel.status() if rt.device.type == "cpu" else None)
         job = build(cfg, rt)
         extra.update(train_size=job.loaders.train.num_samples, test_size=job.loaders.test.num_samples,
                      steps_per_epoch=job.steps, num_classes=job.loaders.shape.num_classes)
