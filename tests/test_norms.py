@@ -63,6 +63,18 @@ def assert_matches(layer, reference, x, atol=1e-10):
         torch.testing.assert_close(gp[name], gp_ref[name], atol=atol, rtol=1e-8, msg=name)
 
 
+def assert_matches_in_bf16(layer, reference, x, grad, *, param_tol):
+    """`layer` on bf16 `x` (float32 parameters, as under autocast) against a float64 `reference` on the same values:
+    output and input gradient keep x's dtype and memory format and agree within a few bf16 ulps of their scale."""
+    y, gx, gp = forward_backward(layer, x, grad)
+    y_ref, gx_ref, gp_ref = forward_backward(reference, x.double(), grad.double())
+    assert y.dtype == gx.dtype == torch.bfloat16 and y.is_contiguous(memory_format=x_format(x))
+    torch.testing.assert_close(y.double(), y_ref, atol=0.03, rtol=0.01)
+    torch.testing.assert_close(gx.double(), gx_ref, atol=0.03, rtol=0.01)
+    for name in gp_ref:
+        torch.testing.assert_close(gp[name].double(), gp_ref[name], atol=param_tol, rtol=param_tol, msg=name)
+
+
 class Affine(nn.Module):
     """A reference module: `normalize(x)` followed by a per-channel γ, β copied from `layer`."""
 
@@ -84,6 +96,10 @@ def group_norm_formula(x, groups, eps):
     mean = xg.mean(-1, keepdim=True)
     var = ((xg - mean) ** 2).mean(-1, keepdim=True)
     return ((xg - mean) / torch.sqrt(var + eps)).reshape(n, c, h, w)
+
+
+def x_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 def as_format(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -127,14 +143,7 @@ def test_gn_in_bf16_matches_the_float64_formula_within_bf16_rounding(channels_la
     gn = randomize_affine(build_norm("gn", 32, groups=8)).float()
     ref = Affine(gn, lambda t: group_norm_formula(t, 8, 1e-5)).double()
     x = as_format((torch.randn(4, 32, 6, 5) * 3 + 1).bfloat16(), channels_last)
-    grad = as_format(torch.randn_like(x), channels_last)
-    y, gx, gp = forward_backward(gn, x, grad)
-    y_ref, gx_ref, gp_ref = forward_backward(ref, x.double(), grad.double())
-    assert y.dtype == gx.dtype == torch.bfloat16 and y.is_contiguous(memory_format=x_format(x))
-    torch.testing.assert_close(y.double(), y_ref, atol=0.03, rtol=0.01)
-    torch.testing.assert_close(gx.double(), gx_ref, atol=0.03, rtol=0.01)
-    for name in gp_ref:
-        torch.testing.assert_close(gp[name].double(), gp_ref[name], atol=1e-2, rtol=1e-2, msg=name)
+    assert_matches_in_bf16(gn, ref, x, as_format(torch.randn_like(x), channels_last), param_tol=1e-2)
 
 
 def test_gn_ws_layer_is_group_norm():
@@ -230,23 +239,10 @@ def test_bn_with_workers_in_bf16_matches_the_chunk_loop_within_bf16_rounding(wor
     torch.manual_seed(0)
     bn = randomize_affine(build_norm("bn", 6, workers=workers)).float()
     slow = SlowPerWorkerBN(bn, workers).double()
-    x = (torch.randn(workers * 2, 6, 5, 5) * 3 + 1).bfloat16()
-    grad = torch.randn_like(x)
-    if channels_last:
-        x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
-    y, gx, gp = forward_backward(bn, x, grad)
-    y_ref, gx_ref, gp_ref = forward_backward(slow, x.double(), grad.double())
-    assert y.dtype == gx.dtype == torch.bfloat16 and y.is_contiguous(memory_format=x_format(x))
-    torch.testing.assert_close(y.double(), y_ref, atol=0.03, rtol=0.01)
-    torch.testing.assert_close(gx.double(), gx_ref, atol=0.03, rtol=0.01)
-    for name in gp_ref:
-        torch.testing.assert_close(gp[name].double(), gp_ref[name], atol=1e-3, rtol=1e-3, msg=name)
+    x = as_format((torch.randn(workers * 2, 6, 5, 5) * 3 + 1).bfloat16(), channels_last)
+    assert_matches_in_bf16(bn, slow, x, as_format(torch.randn_like(x), channels_last), param_tol=1e-3)
     torch.testing.assert_close(bn.running_mean.double(), slow.averaged("running_mean"), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bn.running_var.double(), slow.averaged("running_var"), atol=1e-5, rtol=1e-5)
-
-
-def x_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
 
 
 @pytest.mark.usefixtures("cpu_path")

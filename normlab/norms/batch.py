@@ -60,10 +60,6 @@ def per_sample(stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _aten = torch.ops.aten
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _per_sample_view(x: torch.Tensor) -> torch.Tensor:
     """A contiguous (W·N, C, H, W) tensor as (1, W·N·C, H·W): one 'channel' per sample and channel."""
     return x.view(1, x.shape[0] * x.shape[1], -1)
@@ -76,7 +72,7 @@ def _sample_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     (float64 for float64 input) whatever the input precision.
     """
     n = a.shape[0] * a.shape[1]
-    zero, one = a.new_zeros(n, dtype=_stat_dtype(a)), a.new_ones(n, dtype=_stat_dtype(a))
+    zero, one = a.new_zeros(n, dtype=cpu_kernel.stat_dtype(a)), a.new_ones(n, dtype=cpu_kernel.stat_dtype(a))
     _, ab, total = _aten.native_batch_norm_backward(_per_sample_view(a), _per_sample_view(b), None, None, None,
                                                     zero, one, True, 0.0, [False, True, True])
     return ab.view(a.shape[:2]), total.view(a.shape[:2])
@@ -111,7 +107,7 @@ def _cpu_forward(x, weight, bias, workers, eps):
     count = x.shape[0] // workers * x.shape[2] * x.shape[3]
     if cpu_kernel.is_channels_last(x):
         y = torch.empty_like(x)
-        mean = x.new_empty(workers, x.shape[1], dtype=_stat_dtype(x))
+        mean = x.new_empty(workers, x.shape[1], dtype=cpu_kernel.stat_dtype(x))
         invstd = torch.empty_like(mean)
         for w, (rows, out) in enumerate(zip(_worker_rows(x, workers), _worker_rows(y, workers))):
             _aten.native_batch_norm.out(rows, weight, bias, None, None, True, 0.0, eps,
@@ -212,7 +208,7 @@ class _PerWorkerBatchNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, workers: int, eps: float):
-        dtype = _stat_dtype(x)  # torch's kernels take bf16 input with float32 parameters, not bf16 ones
+        dtype = cpu_kernel.stat_dtype(x)  # torch's kernels take bf16 input with float32 parameters, not bf16 ones
         w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
         b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
         forward = _cpu_forward if x.device.type == "cpu" else _cuda_forward

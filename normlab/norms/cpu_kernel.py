@@ -161,7 +161,8 @@ def _in_a_layout(x: torch.Tensor) -> torch.Tensor:
     return x if x.is_contiguous() or is_channels_last(x) else x.contiguous()
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+def stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of `x`'s statistics and of the parameters met with it: float64 for float64, else float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
@@ -218,7 +219,7 @@ def normalize(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor |
     input); y has x's dtype and memory format. `running` (running mean, running var, factor), for units of one
     channel: both buffers move by `factor` toward the units' mean and unbiased variance averaged over the
     units of each channel, in place. Call only where :func:`usable` says so."""
-    dtype = _stat_dtype(x)
+    dtype = stat_dtype(x)
     w = x.new_ones(x.shape[1], dtype=dtype) if weight is None else weight.to(dtype)
     b = x.new_zeros(x.shape[1], dtype=dtype) if bias is None else bias.to(dtype)
     buffers = running[:2] if running else ()
