@@ -1,0 +1,196 @@
+#!/usr/bin/env python
+"""Run the ResNet-20 CIFAR-10 study (results/reference/cifar10_resnet20/) in stretches of a few hours.
+
+The study is longer than one sitting: the regime map (experiments/gn_regime.yaml) and Figure 1
+(experiments/gn_batch_size_resnet20.yaml) need many hours of CPU. This script runs its planned jobs in a
+fixed order, `--slots` one-thread jobs at a time, and starts a job only if it can finish before `--hours`
+run out, so every stretch ends with finished runs only. A rerun skips what is done (normlab skips a folder
+whose summary.json says done for the same config), so stretches on different machines add up:
+
+    NORMLAB_CIFAR10_JPEG=/path/to/cifar10-jpeg.zip python scripts/reproduce_cifar10_resnet20.py \\
+        --published /path/to/main/results/reference/cifar10_resnet20/runs --hours 2.8
+
+--published names the runs/ folder of a checkout of main: its finished runs are copied into the sweep folder
+first, so none runs twice, and each run that finishes is copied there (config.yaml, metrics.jsonl,
+summary.json; no checkpoints) and committed in that checkout, those paths only. Parts, in order: the map at 5, 10, 20
+and 40 epochs, seed 0 then seed 1; its 80-epoch extension (--extend, only if the README's rule asks for it);
+the Figure 1 grid at --grid-epochs (the budget the README's rule gave), its ablation of groups last.
+Run it from a git worktree at the study's commit: the normlab next to this script runs (python -m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "results" / "cifar10_resnet20" / "study"
+KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
+FINAL = ("done", "diverged")
+MAP_BUDGETS = (5, 10, 20, 40)
+MAP_SETTINGS = (("bn", 32), ("bn", 2), ("gn8", 32))
+
+
+def job(experiment: str, norm: str, n: int, seed: int, epochs: int, **extra) -> dict:
+    overrides = {"norm": norm, "batch.per_worker": n, "seed": seed, "trainer.epochs": epochs, **extra}
+    return {"experiment": experiment, "overrides": overrides, "epochs": epochs}
+
+
+def folder_name(overrides: dict) -> str:
+    """The run folder's name, as Hydra's hydra.job.override_dirname writes it: the overrides, sorted."""
+    return ",".join(sorted(f"{k}={v}" for k, v in overrides.items()))
+
+
+def plan(extend: bool, grid_epochs: int | None) -> list[dict]:
+    jobs = [job("gn_regime", norm, n, seed, e) for seed in (0, 1) for e in MAP_BUDGETS for norm, n in MAP_SETTINGS]
+    if extend:
+        jobs += [job("gn_regime", norm, n, seed, 80) for seed in (0, 1) for norm, n in MAP_SETTINGS]
+    if grid_epochs is not None:
+        grid = "gn_batch_size_resnet20"
+        e = grid_epochs
+        jobs += [job(grid, norm, n, seed, e) for seed in (0, 1, 2) for norm, n in MAP_SETTINGS]
+        jobs += [job(grid, "bn", n, seed, e) for seed in (0, 1) for n in (16, 8, 4)]
+        jobs += [job(grid, norm, 32, seed, e) for seed in (0, 1) for norm in ("ln", "in")]
+        jobs += [job(grid, "gn8", 2, 0, e)]
+        jobs += [job(grid, "gn", 32, seed, e, **{"norm.groups": g}) for g in (2, 4, 16) for seed in (0, 1)]
+    seen: set[str] = set()  # a map run at the grid's budget is a run of the grid: one job
+    return [j for j in jobs if not (folder_name(j["overrides"]) in seen or seen.add(folder_name(j["overrides"])))]
+
+
+def summary_of(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_finished(folder: Path) -> bool:
+    summary = summary_of(folder)
+    return isinstance(summary, dict) and summary.get("status") in FINAL
+
+
+def copy_finished(source_dir: Path, target_dir: Path) -> int:
+    """The finished runs in `source_dir` into `target_dir`, where it has none of its own: their KEPT files."""
+    copied = 0
+    for source in sorted(p for p in source_dir.iterdir() if p.is_dir()) if source_dir.is_dir() else []:
+        target = target_dir / source.name
+        if is_finished(source) and not is_finished(target):
+            target.mkdir(parents=True, exist_ok=True)
+            for name in KEPT:
+                shutil.copyfile(source / name, target / name)
+            copied += 1
+    return copied
+
+
+def commit(runs: Path, message: str) -> None:
+    """Commit what changed under `runs` in its git checkout, and nothing else (retried: another git command
+    may hold the index for a moment)."""
+    for attempt in range(10):
+        added = subprocess.run(["git", "add", "--", "."], cwd=runs, capture_output=True, text=True)
+        done = added.returncode == 0 and subprocess.run(
+            ["git", "commit", "--quiet", "-m", message, "--", "."], cwd=runs, capture_output=True, text=True)
+        if done and (done.returncode == 0 or "nothing" in done.stdout + done.stderr):
+            return
+        time.sleep(3)
+    print(f"could not commit {runs}: {(done or added).stderr.strip()}", file=sys.stderr, flush=True)
+
+
+def seconds_per_epoch(sweep: Path, default: float) -> float:
+    """The slowest per-epoch wall time among this sweep's finished runs (default with none)."""
+    rates = [s["wall_time_s"] / s["epochs"] for s in map(summary_of, sweep.iterdir() if sweep.is_dir() else [])
+             if isinstance(s, dict) and s.get("status") in FINAL and s.get("epochs") and s.get("wall_time_s")]
+    return max(rates) if rates else default
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hours", type=float, default=None, help="time left in this stretch (default: no limit)")
+    parser.add_argument("--slots", type=int, default=2, help="one-thread jobs at a time")
+    parser.add_argument("--sweep", type=Path, default=SWEEP, help="the sweep folder (git-ignored)")
+    parser.add_argument("--published", type=Path, help="main's runs/ folder: copied in first, each finished run "
+                        "copied out and committed")
+    parser.add_argument("--extend", action="store_true", help="the map's 80-epoch runs (the README's rule)")
+    parser.add_argument("--grid-epochs", type=int, help="the Figure 1 grid's budget (the README's rule)")
+    parser.add_argument("--epoch-seconds", type=float, default=95.0, help="per-epoch estimate before any run")
+    parser.add_argument("--nice", type=int, default=5, help="the jobs' niceness (numbers do not depend on it)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and what is left, run nothing")
+    parser.add_argument("extra", nargs="*", help="overrides given to every job (tests only: they change the runs)")
+    args = parser.parse_args()
+    if not args.dry_run and not os.environ.get("NORMLAB_CIFAR10_JPEG") and not any(
+            a.startswith("data=") for a in args.extra):
+        print("reproduce: NORMLAB_CIFAR10_JPEG is not set: point it at cifar10-jpeg.zip", file=sys.stderr)
+        return 2
+    deadline = None if args.hours is None else time.time() + args.hours * 3600
+    args.sweep.mkdir(parents=True, exist_ok=True)
+    if args.published is not None:
+        args.published.mkdir(parents=True, exist_ok=True)
+        print(f"copied {copy_finished(args.published, args.sweep)} published runs into {args.sweep}", flush=True)
+    jobs = plan(args.extend, args.grid_epochs)
+    pending = [j for j in jobs if not is_finished(args.sweep / folder_name(j["overrides"]))]
+    print(f"{len(jobs)} jobs planned, {len(jobs) - len(pending)} finished, {len(pending)} to run", flush=True)
+    if args.dry_run:
+        for j in pending:
+            print(f"  {j['experiment']}: {folder_name(j['overrides'])}")
+        return 0
+    running: dict[subprocess.Popen, dict] = {}
+    failed = 0
+    stop = False
+
+    def on_signal(signum, frame):  # stop starting jobs; the running ones get the signal and checkpoint
+        nonlocal stop
+        stop = True
+        for proc in running:
+            proc.send_signal(signum)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    logs = args.sweep / "logs"
+    logs.mkdir(exist_ok=True)
+    while pending or running:
+        for proc, j in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[proc]
+            name = folder_name(j["overrides"])
+            ok = is_finished(args.sweep / name)
+            failed += not ok
+            print(f"{time.strftime('%H:%M')} {'finished' if ok else f'NOT finished (exit {proc.returncode})'}: "
+                  f"{name}", flush=True)
+            if ok and args.published is not None:
+                copy_finished(args.sweep, args.published)
+                commit(args.published, f"cifar10_resnet20 study: publish finished runs (latest {name})")
+        rate = seconds_per_epoch(args.sweep, args.epoch_seconds)
+        while not stop and pending and len(running) < args.slots:
+            left = float("inf") if deadline is None else deadline - time.time()
+            fits = [j for j in pending if 1.1 * j["epochs"] * rate + 120 <= left]
+            if not fits:
+                break
+            j = fits[0]
+            pending.remove(j)
+            name = folder_name(j["overrides"])
+            command = [sys.executable, "-m", "normlab.train", f"experiment={j['experiment']}",
+                       *[f"{k}={v}" for k, v in j["overrides"].items()], *args.extra,
+                       f"hydra.run.dir='{args.sweep / name}'"]
+            log = open(logs / f"{name}.log", "a")
+            print(f"{time.strftime('%H:%M')} start: {shlex.join(command[3:-1])}", flush=True)
+            running[subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     preexec_fn=lambda: os.nice(args.nice))] = j
+        if not running:
+            break
+        time.sleep(5)
+    left = [j for j in jobs if not is_finished(args.sweep / folder_name(j["overrides"]))]
+    print(f"{len(jobs) - len(left)} of {len(jobs)} jobs finished, {len(left)} left, {failed} failed this stretch",
+          flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
