@@ -1,0 +1,48 @@
+"""scripts/reproduce_cifar10_resnet20.py: its run folders are Hydra's, its plan runs nothing twice, and it moves
+only finished runs' records between the sweep and the published runs/."""
+
+import importlib.util
+import json
+
+from tests.conftest import REPO, TINY, run_cli
+
+spec = importlib.util.spec_from_file_location("study_driver", REPO / "scripts" / "reproduce_cifar10_resnet20.py")
+driver = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(driver)
+
+
+def test_folder_names_are_hydras_override_dirname(tmp_path):
+    job = driver.plan(extend=False, grid_epochs=None)[0]
+    tiny = dict(t.split("=", 1) for t in TINY if not t.startswith(("batch.", "trainer.epochs", "trainer.progress")))
+    overrides = {**job["overrides"], **tiny, "trainer.epochs": 1, "batch.workers": "null", "batch.total": 64}
+    result = run_cli("-m", f"experiment={job['experiment']}", *[f"{k}={v}" for k, v in overrides.items()],
+                     "trainer.progress=false", f"hydra.sweep.dir={tmp_path}")  # progress: not in folder names
+    assert result.returncode == 0, result.stderr
+    made = [p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "summary.json").exists()]
+    assert made == [driver.folder_name(overrides)]
+
+
+def test_the_plan_follows_the_readme():
+    jobs = driver.plan(extend=False, grid_epochs=None)
+    assert len(jobs) == 2 * 4 * 3  # two seeds × four budgets × three settings, seed 0 first
+    assert {j["overrides"]["seed"] for j in jobs[:12]} == {0} and {j["overrides"]["seed"] for j in jobs[12:]} == {1}
+    full = driver.plan(extend=True, grid_epochs=40)
+    names = [driver.folder_name(j["overrides"]) for j in full]
+    assert len(names) == len(set(names))
+    # the grid at 40 epochs shares the map's six runs at 40: 24 + 6 (80 epochs) + 26 grid runs − 6 shared
+    assert len(full) == 24 + 6 + 26 - 6
+
+
+def test_only_finished_runs_are_copied_and_never_their_checkpoints(tmp_path):
+    sweep, published = tmp_path / "sweep", tmp_path / "runs"
+    for name, status in (("a", "done"), ("b", "failed"), ("c", None)):
+        folder = sweep / name
+        folder.mkdir(parents=True)
+        for file in ("config.yaml", "metrics.jsonl", "checkpoint.pt"):
+            (folder / file).write_text(name)
+        if status:
+            (folder / "summary.json").write_text(json.dumps({"status": status}))
+    assert driver.copy_finished(sweep, published) == 1
+    assert sorted(p.name for p in (published / "a").iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
+    assert not (published / "b").exists() and not (published / "c").exists()
+    assert driver.copy_finished(sweep, published) == 0  # already there
