@@ -187,7 +187,8 @@ def test_a_cell_whose_runs_all_diverged_says_so(tmp_path):
 
 
 REFERENCE = REPO / "results" / "reference"
-PUBLISHED_STUDIES = [REFERENCE / "cifar10_small", REFERENCE / "cifar10_norm_batch", REFERENCE / "cifar10_norm_batch" / "budget",
+PUBLISHED_STUDIES = [REFERENCE / "cifar10_small", REFERENCE / "cifar10_norm_batch",
+                     REFERENCE / "cifar10_norm_batch" / "budget",
                      REFERENCE / "cifar10_bn_eval"]
 
 
@@ -199,7 +200,8 @@ def test_every_published_study_regenerates_byte_for_byte_from_its_runs_csv_with_
     assert report_main([str(folder / "runs.csv"), "--out", str(tmp_path)]) == 0
     published = sorted(p.name for p in folder.glob("table_*"))
     regenerated = sorted(p.name for p in tmp_path.glob("table_*"))
-    assert published and (published == regenerated if (folder / "report.md").exists() else set(published) <= set(regenerated))
+    whole_report = (folder / "report.md").exists()
+    assert published and (published == regenerated if whole_report else set(published) <= set(regenerated))
     for table in published:
         assert (tmp_path / table).read_text() == (folder / table).read_text(), table
     runs = pd.read_csv(folder / "runs.csv")
@@ -236,8 +238,10 @@ def test_runs_of_both_protocols_make_two_figures_and_tables_never_one_blended_li
     for protocol in ("paper", "fixed_total"):
         assert (out / f"fig_batch_size_{protocol}.png").is_file() and (out / f"table_batch_size_{protocol}.md").is_file()
     assert not (out / "fig_batch_size.png").exists()
-    assert "| BN | 20.5 ± 0.7 [14.1, 26.9] | 30.5 ± 0.7 [24.1, 36.9] | 2 |" in (out / "table_batch_size_paper.md").read_text()
-    assert "| BN | 25.5 ± 0.7 | 35.5 ± 0.7 | 2 |" in without_intervals((out / "table_batch_size_fixed_total.md").read_text())
+    paper = (out / "table_batch_size_paper.md").read_text()
+    fixed = (out / "table_batch_size_fixed_total.md").read_text()
+    assert "| BN | 20.5 ± 0.7 [14.1, 26.9] | 30.5 ± 0.7 [24.1, 36.9] | 2 |" in paper  # t with 1 df: ±12.7 SE
+    assert "| BN | 25.5 ± 0.7 | 35.5 ± 0.7 | 2 |" in without_intervals(fixed)
     report = (out / "report.md").read_text()
     assert "## Does the claim hold? (paper protocol" in report and "## Does the claim hold? (fixed total batch" in report
     assert "W fixed" in (out / "table_batch_size_paper.tex").read_text()
@@ -393,7 +397,8 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
     assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
     assert (tmp_path / "report" / "fig_bn_eval.png").is_file()
     assert report_main([str(tmp_path), "--metric", "val_error_batch_median5", "--out", str(tmp_path / "b")]) == 0
-    assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in without_intervals((tmp_path / "b" / "table_batch_size.md").read_text())
+    batch_table = without_intervals((tmp_path / "b" / "table_batch_size.md").read_text())
+    assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in batch_table
 
 
 # ---------------------------------------------------------------- Tables 1 and 3, provenance, the metric
@@ -425,7 +430,7 @@ def test_table_3_needs_an_ablation_of_three_settings(tmp_path):
         fake_run(tmp_path, f"bn-s{seed}", "bn", 32, seed, 29.0 + seed)
     assert groups_tables(collect([tmp_path])) == {}  # G=8 beside LN: two settings, no ablation
     assert report_main([str(tmp_path)]) == 0
-    assert not (tmp_path / "report" / "table_groups.md").exists() and not (tmp_path / "report" / "fig_groups.png").exists()
+    assert not any((tmp_path / "report" / name).exists() for name in ("table_groups.md", "fig_groups.png"))
 
 
 def test_a_report_from_runs_of_two_commits_names_both_and_flags_it(tmp_path):
@@ -452,8 +457,8 @@ def test_without_a_reading_the_median_of_5_is_not_used_on_runs_that_decay_to_zer
             summary = json.loads((run / "summary.json").read_text())
             (run / "summary.json").write_text(json.dumps({**summary, "val_error": 10.0 + seed,
                                                           "val_error_median5": 20.0 + seed}))
-            (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e + 1, "lr": lr, "train_error": 9.0, "val_error": 10.0})
-                                                       + "\n" for e, lr in enumerate(lrs)))
+            rows = [{"epoch": e + 1, "lr": lr, "train_error": 9.0, "val_error": 10.0} for e, lr in enumerate(lrs)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     assert report_main([str(tmp_path / "cosine")]) == 0
     report = (tmp_path / "cosine" / "report" / "report.md").read_text()
     assert "(`val_error`), chosen by the runs' lr records" in report and "fewest: 1" in report

@@ -83,7 +83,8 @@ def fig_bn_eval(long: pd.DataFrame, out: Path, metric: str, name: str = "fig_bn_
             label = (f"BN, {MODES[mode]}" if mode in MODES else f"{norm_label(norm)} (for reference)") + \
                 f" ({seeds_text(counts)})"
             marker = {"ema": "o", "precise": "v", "batch": "^"}.get(mode, norm_marker(norm))
-            plot_cells(ax, line, "per_worker_batch", grid, norm_color(norm), marker, label, linestyle=STYLES.get(mode, "-"),
+            plot_cells(ax, line, "per_worker_batch", grid, norm_color(norm), marker, label,
+                       linestyle=STYLES.get(mode, "-"),
                        dodge=1.05 ** (i - (len(series) - 1) / 2))
         _log2_axis(ax, grid)
         ax.set_xlabel(METRICS["per_worker_batch"].label)

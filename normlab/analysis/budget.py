@@ -66,7 +66,8 @@ def fig_budget(table: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, nam
     x = table["steps"] if by_steps else table["epochs"]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        ax.plot(x, table["gn_lag"], marker="o", linewidth=2, color=norm_color("gn"), label=f"GN − BN(N={big}): GN's lag")
+        ax.plot(x, table["gn_lag"], marker="o", linewidth=2, color=norm_color("gn"),
+                label=f"GN − BN(N={big}): GN's lag")
         ax.plot(x, table["bn_deficit"], marker="s", linewidth=2, color=norm_color("bn"),
                 label=f"BN(N={small}) − GN: GN's lead at N={small}")
         ax.axhline(0, color="#333333", linewidth=1)

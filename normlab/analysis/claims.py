@@ -144,7 +144,8 @@ def _margin_text(f: Finding) -> str:
 def findings_markdown(items: list[Finding], seeds: int | None = None) -> str:
     if not items:
         return "_not enough finished runs to test the claim_\n"
-    lines = ["| claim | ours | margin [95% interval] | paper (ImageNet, ResNet-50) | verdict |", "|---|---|---|---|---|"]
+    lines = ["| claim | ours | margin [95% interval] | paper (ImageNet, ResNet-50) | verdict |",
+             "|---|---|---|---|---|"]
     lines += [f"| {f.what} | {f.ours} | {_margin_text(f)} | {f.paper} | {f.verdict} |" for f in items]
     text = "\n".join(lines) + "\n"
     text += ("\nA margin is the claim's way when positive. Its interval is the 95% Student-t interval over seeds of "

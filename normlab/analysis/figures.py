@@ -145,6 +145,11 @@ def fig_groups(tables: dict[str, pd.DataFrame], out: Path, metric: str = DEFAULT
             high = (table["high"].fillna(table["mean"]) - table["mean"]).tolist()
             ax.errorbar(table[key], table["mean"], yerr=[low, high], color=norm_color("gn"), marker="s",
                         capsize=3, linewidth=1.8, label=f"ours ({seeds_text(table['n'])})")
+            end = "ln" if key == "groups" else "in"  # G=1 is LN, one channel per group is IN: their own colour
+            at_end = table[table[key] == 1]
+            if not at_end.empty:
+                ax.scatter(at_end[key], at_end["mean"], color=norm_color(end), marker=norm_marker(end), s=50,
+                           zorder=5, label=norm_label(end))
             paper = table.dropna(subset=["paper"])
             if not paper.empty:
                 right = ax.twinx()

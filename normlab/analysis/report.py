@@ -138,7 +138,8 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
         table_file("table_groups.md", groups_md)
         table_file("table_groups.tex", tables.groups_latex(groups, metric))
         written["figures"] += figures.fig_groups(groups, out, metric)
-        sections.append(("Table 3: group ablation, beside the paper's", groups_md + "\n![fig_groups](fig_groups.png)\n"))
+        sections.append(("Table 3: group ablation, beside the paper's",
+                         groups_md + "\n![fig_groups](fig_groups.png)\n"))
     sections += curve_sections
     sections += [("Runs", status_markdown(runs))]
     source = f"Runs from: {', '.join(sources)}\n\n" if sources else ""

@@ -191,9 +191,9 @@ def groups_tables(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> dict[str,
     counts = grouped[grouped["norm"] == "gn"]["per_worker_batch"].value_counts()
     batch = max(counts[counts == counts.max()].index)
     grouped = grouped[grouped["per_worker_batch"] == batch]
-    subsets = {"groups": grouped[((grouped["norm"] == "gn") & grouped["group_size"].isna()) | (grouped["norm"] == "ln")],
-               "group_size": grouped[((grouped["norm"] == "gn") & grouped["group_size"].notna())
-                                     | (grouped["norm"] == "in")]}
+    gn = grouped["norm"] == "gn"
+    subsets = {"groups": grouped[(gn & grouped["group_size"].isna()) | (grouped["norm"] == "ln")],
+               "group_size": grouped[(gn & grouped["group_size"].notna()) | (grouped["norm"] == "in")]}
     out = {}
     for key, subset in subsets.items():
         if subset["norm"].eq("gn").any() and subset[key].nunique() >= MIN_ABLATION:
@@ -201,7 +201,8 @@ def groups_tables(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> dict[str,
             paper = dict(zip(pd.to_numeric(table[column]).fillna(1).astype(int), table["val_error_top1"]))
             s = stats(subset, [key], metric).sort_values(key, ascending=False)
             s[key] = s[key].astype(int)
-            out[key] = s.assign(per_worker_batch=int(batch), paper=[paper.get(v) for v in s[key]]).reset_index(drop=True)
+            out[key] = s.assign(per_worker_batch=int(batch), paper=[paper.get(v) for v in s[key]])
+            out[key] = out[key].reset_index(drop=True)
     return out
 
 
@@ -217,7 +218,8 @@ def _groups_rows(key: str, table: pd.DataFrame) -> tuple[list[str], list[list[st
 def estimate_of(row: pd.Series) -> Estimate:
     """An Estimate from a row of stats()."""
     low = None if pd.isna(row["low"]) else float(row["low"])
-    return Estimate(float(row["mean"]), float(row["std"]), int(row["n"]), low, None if low is None else float(row["high"]))
+    high = None if low is None else float(row["high"])
+    return Estimate(float(row["mean"]), float(row["std"]), int(row["n"]), low, high)
 
 
 def _groups_caption(key: str, table: pd.DataFrame, metric: str) -> str:
