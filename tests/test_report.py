@@ -90,6 +90,10 @@ def test_runs_csv_is_one_tidy_table(sweep):
     runs = pd.read_csv(sweep / "report" / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"done"}
     assert {"norm", "per_worker_batch", "workers", "seed", "val_error_median5", "run_dir"} <= set(runs.columns)
+    assert set(runs["dataset"]) == {"synthetic"} and set(runs["data"]) == {"synthetic"}  # the data config Hydra chose
+    assert set(runs["evals_at_final_lr"]) == {1}  # one epoch: one evaluation at the final lr
+    report = (sweep / "report" / "report.md").read_text()
+    assert "(`val_error`), chosen by the runs' lr records" in report and "fewest: 1" in report
 
 
 def test_mean_std_and_seed_count_across_seeds(tmp_path):
