@@ -4,6 +4,10 @@
     normlab-report results/a results/b --out report/
     normlab-report results/reference/cifar10_small/runs.csv
     normlab-report --wandb ENTITY/PROJECT --out report/
+
+The metric: --metric, else the study's reading.yaml beside its runs.csv (or in its folder), else the median of
+the last 5 evaluations where every run has 5 at its final learning rate, else the final evaluation. The report
+says which and why (docs/reports.md).
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ from pathlib import Path
 
 from normlab.analysis.collect import collect
 from normlab.analysis.metrics_info import RUN_METRICS
+from normlab.analysis.reading import ReadingError, choose, find_reading
 from normlab.analysis.report import build_report
-from normlab.analysis.tables import DEFAULT_METRIC
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,8 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories, or runs.csv files")
     parser.add_argument("--out", type=Path, help="output folder (default: FIRST_PATH/report)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, choices=list(RUN_METRICS),
-                        help=f"the error to tabulate (default: {DEFAULT_METRIC}, the paper's)")
+    parser.add_argument("--metric", choices=list(RUN_METRICS),
+                        help="the error to tabulate (default: the study's reading.yaml, else chosen from the runs)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs back from W&B")
     args = parser.parse_args(argv)
     if not args.paths and not args.wandb:
@@ -42,6 +46,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        reading, reading_path = find_reading(args.paths)
+    except ReadingError as e:
+        print(f"normlab-report: {e}", file=sys.stderr)
+        return 2
     runs = collect(args.paths)
     if args.wandb:
         import pandas as pd
@@ -53,10 +62,12 @@ def main(argv=None) -> int:
     if runs.empty:
         print(f"normlab-report: no runs found under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
-    written = build_report(runs, args.out, args.metric, sources=[str(p) for p in args.paths] +
-                           ([f"wandb:{args.wandb}"] if args.wandb else []))
+    chosen = choose(runs, args.metric, reading, reading_path)
+    written = build_report(runs, args.out, sources=[str(p) for p in args.paths] +
+                           ([f"wandb:{args.wandb}"] if args.wandb else []), reading=chosen)
     counts = runs["status"].fillna("unknown").value_counts().to_dict()
     print(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}) → {args.out}")
+    print(f"  metric: {chosen.metric} ({chosen.chosen_by})" + (f"; beware: {chosen.caveat}" if chosen.caveat else ""))
     for path in sorted({p for files in written.values() for p in files}):
         print(f"  {path}")
     return 0

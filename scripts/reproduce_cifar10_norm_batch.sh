@@ -15,7 +15,6 @@ part=${PART:-all}
 publish=results/reference/cifar10_norm_batch
 grid=results/gn_norm_batch_small/reproduce
 budget=results/gn_norm_batch_budget/reproduce
-metric=val_error  # the final epoch's error: the runs are short and cosine-decayed (see the study's README)
 
 sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended to LOG
   local dir=$1 log=$2
@@ -40,7 +39,8 @@ part_run() {  # part_run NAME DIR OUT SWEEP_ARGS -- SECOND_SWEEP_ARGS: two sweep
   sweep "$dir" "$log" $second "$@"
   echo "$name wall time: $((SECONDS - start)) s" | tee -a "$log"
   finished "$log" || { echo "$name not published: some jobs did not finish (see $log)" >&2; exit 1; }
-  "${PYTHON:-python}" -m normlab.cli "$dir" --out "$out" --metric "$metric"
+  cp "$out/reading.yaml" "$dir/"  # the study's reading (metric and why) travels with its runs
+  "${PYTHON:-python}" -m normlab.cli "$dir" --out "$out"
 }
 
 if [ "$part" = all ] || [ "$part" = grid ]; then

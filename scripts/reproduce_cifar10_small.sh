@@ -24,4 +24,5 @@ if grep -E "sweep finished: " "$log" | grep -qE "invalid|failed|busy"; then
   echo "not published: some jobs did not finish (see $log); fix them and rerun, or FRESH=1" >&2
   exit 1
 fi
+cp "$publish/reading.yaml" "$sweep/"  # the study's reading (metric and why) travels with its runs
 normlab-report "$sweep" --out "$publish"

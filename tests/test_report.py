@@ -12,15 +12,22 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy import stats as scipy_stats
 
-from normlab.analysis.claims import findings
+from normlab.analysis.claims import findings, sanity
 from normlab.analysis.collect import collect
-from normlab.analysis.tables import batch_size_table, groups_tables
+from normlab.analysis.intervals import difference, estimate
+from normlab.analysis.tables import batch_size_table, groups_tables, norms_table
 from normlab.cli import main as report_main
 from tests.conftest import REPO, TINY, run_cli
 
 EXPECTED_FILES = ["runs.csv", "fig_batch_size.png", "fig_batch_size.pdf", "table_batch_size.md",
                   "table_batch_size.tex", "fig_curves_bn.png", "fig_curves_gn.png", "report.md", "report.html"]
+
+
+def without_intervals(text: str) -> str:
+    """A table with its bracketed 95% intervals taken out: the means and standard deviations alone."""
+    return re.sub(r" \[[^\]]*\]", "", text)
 
 
 def fake_run(root: Path, name: str, norm: str, n: int, seed: int, val_error: float | None, status: str = "done",
@@ -83,6 +90,10 @@ def test_runs_csv_is_one_tidy_table(sweep):
     runs = pd.read_csv(sweep / "report" / "runs.csv")
     assert len(runs) == 4 and set(runs["status"]) == {"done"}
     assert {"norm", "per_worker_batch", "workers", "seed", "val_error_median5", "run_dir"} <= set(runs.columns)
+    assert set(runs["dataset"]) == {"synthetic"} and set(runs["data"]) == {"synthetic"}  # the data config Hydra chose
+    assert set(runs["evals_at_final_lr"]) == {1}  # one epoch: one evaluation at the final lr
+    report = (sweep / "report" / "report.md").read_text()
+    assert "(`val_error`), chosen by the runs' lr records" in report and "fewest: 1" in report
 
 
 def test_mean_std_and_seed_count_across_seeds(tmp_path):
@@ -90,9 +101,11 @@ def test_mean_std_and_seed_count_across_seeds(tmp_path):
         fake_run(tmp_path, f"bn32s{seed}", "bn", 32, seed, error)
         fake_run(tmp_path, f"gn32s{seed}", "gn", 32, seed, error + 1)
     table = batch_size_table(collect([tmp_path]))
-    mean, std, n = table.loc["bn", 32]
-    assert (mean, std, n) == (12.0, statistics.stdev([10.0, 12.0, 14.0]), 3)
-    assert table.loc["gn−bn", 32][0] == pytest.approx(1.0)
+    cell = table.loc["bn", 32]
+    assert (cell.mean, cell.std, cell.n) == (12.0, statistics.stdev([10.0, 12.0, 14.0]), 3)
+    low, high = scipy_stats.t.interval(0.95, 2, loc=12.0, scale=scipy_stats.sem([10.0, 12.0, 14.0]))
+    assert (cell.low, cell.high) == (pytest.approx(low), pytest.approx(high))
+    assert table.loc["gn−bn", 32].mean == pytest.approx(1.0)
 
 
 def test_failed_diverged_and_unfinished_runs_are_listed_not_averaged(tmp_path):
@@ -132,19 +145,24 @@ def test_group_ablation_tables_and_figure(tmp_path):
     report_main([str(tmp_path)])
     assert (tmp_path / "report" / "fig_groups.png").is_file()
     text = (tmp_path / "report" / "table_groups.md").read_text()
-    assert re.search(r"\| groups \(G\) \| 64 \| 32 \| 8 \| 1 \|", text)
+    assert re.search(r"\| groups \(G\) \| 64 \| 32 \| 8 \| 1 \(LN\) \|", text)
+    assert "| paper | 24.6 | 24.1 | 24.4 | 25.3 |" in text  # the paper's Table 3 (a) beside ours
+    assert "| paper | 24.2 | 24.8 | 28.4 |" in text  # and (b)
+    assert (tmp_path / "report" / "table_groups.tex").is_file() and (tmp_path / "report" / "fig_groups.pdf").is_file()
 
 
 def test_claim_check_on_the_papers_own_numbers_holds(tmp_path):
+    """Three seeds scattered ±0.05 around the paper's numbers: every sentence of the claim holds."""
     paper = {("bn", 32): 23.6, ("bn", 16): 23.7, ("bn", 8): 24.8, ("bn", 4): 27.3, ("bn", 2): 34.7,
              ("gn", 32): 24.1, ("gn", 16): 24.2, ("gn", 8): 24.0, ("gn", 4): 24.2, ("gn", 2): 24.1,
              ("ln", 32): 25.3, ("in", 32): 28.4}
     for (norm, n), error in paper.items():
-        fake_run(tmp_path, f"{norm}{n}", norm, n, 0, error)
+        for seed, noise in enumerate((-0.05, 0.0, 0.05)):
+            fake_run(tmp_path, f"{norm}{n}s{seed}", norm, n, seed, error + noise)
     results = findings(collect([tmp_path]))
-    assert [f.holds for f in results] == [True, True, True, True]
+    assert [f.verdict for f in results] == ["holds"] * 5, [(f.what, f.verdict) for f in results]
     assert results[0].ours == "+11.1 points" and results[1].ours == "spread 0.2 points"
-    assert results[3].ours.startswith("BN < GN < LN < IN")
+    assert results[4].ours.startswith("GN < LN < IN")
 
 
 def test_report_cli_errors_are_clear(tmp_path, capsys):
@@ -172,21 +190,39 @@ def test_a_cell_whose_runs_all_diverged_says_so(tmp_path):
     assert "| BN | 10.0 | diverged 2/2 | 1 |" in table and "| GN − BN | +1.0 | – |" in table
 
 
-PUBLISHED = REPO / "results" / "reference" / "cifar10_small"
+REFERENCE = REPO / "results" / "reference"
+PUBLISHED_STUDIES = [REFERENCE / "cifar10_small", REFERENCE / "cifar10_norm_batch",
+                     REFERENCE / "cifar10_norm_batch" / "budget",
+                     REFERENCE / "cifar10_bn_eval"]
 
 
-def test_the_published_cifar10_study_regenerates_from_its_runs_csv(tmp_path):
-    """normlab-report on the published runs.csv alone (no run directories) rebuilds the committed tables."""
-    assert (PUBLISHED / "runs.csv").exists(), "results/reference/cifar10_small/runs.csv is the published study"
-    assert report_main([str(PUBLISHED / "runs.csv"), "--out", str(tmp_path)]) == 0
-    for table in ("table_batch_size.md", "table_batch_size.tex"):
-        assert (tmp_path / table).read_text() == (PUBLISHED / table).read_text(), table
-    runs = pd.read_csv(PUBLISHED / "runs.csv")
-    assert len(runs) == 24 and set(runs["status"]) == {"done"}  # every run of the grid, none left out
+@pytest.mark.parametrize("folder", PUBLISHED_STUDIES, ids=lambda p: str(p.relative_to(REFERENCE)))
+def test_every_published_study_regenerates_byte_for_byte_from_its_runs_csv_with_no_flag(tmp_path, folder):
+    """normlab-report on the published runs.csv alone (no run directories, no --metric: the study's reading.yaml
+    says how it is read) rebuilds every committed table; a study that publishes its whole report has no other."""
+    assert (folder / "runs.csv").exists() and (folder / "reading.yaml").exists(), f"{folder} is a published study"
+    assert report_main([str(folder / "runs.csv"), "--out", str(tmp_path)]) == 0
+    published = sorted(p.name for p in folder.glob("table_*"))
+    regenerated = sorted(p.name for p in tmp_path.glob("table_*"))
+    whole_report = (folder / "report.md").exists()
+    assert published and (published == regenerated if whole_report else set(published) <= set(regenerated))
+    for table in published:
+        assert (tmp_path / table).read_text() == (folder / table).read_text(), table
+    runs = pd.read_csv(folder / "runs.csv")
+    assert set(runs["status"]) == {"done"}  # every run of the grid, none left out
+
+
+def test_the_published_table_2_is_the_mean_of_its_runs(tmp_path):
+    folder = REFERENCE / "cifar10_small"
+    report_main([str(folder / "runs.csv"), "--out", str(tmp_path)])
+    runs = pd.read_csv(folder / "runs.csv")
+    assert len(runs) == 24
     means = runs.groupby(["norm", "per_worker_batch"])["val_error_median5"].mean()  # Table 2, the slow way
     published = (tmp_path / "table_batch_size.md").read_text()
     for (norm, n), mean in means.items():
         assert f"{mean:.1f}" in published, (norm, n, mean)
+    report = (tmp_path / "report.md").read_text()
+    assert "chosen by the study's reading file" in report and "cifar10_jpeg (imagefolder)" in report
 
 
 # ---------------------------------------------------------------- protocols and noise
@@ -206,35 +242,67 @@ def test_runs_of_both_protocols_make_two_figures_and_tables_never_one_blended_li
     for protocol in ("paper", "fixed_total"):
         assert (out / f"fig_batch_size_{protocol}.png").is_file() and (out / f"table_batch_size_{protocol}.md").is_file()
     assert not (out / "fig_batch_size.png").exists()
-    assert "| BN | 20.5 ± 0.7 | 30.5 ± 0.7 | 2 |" in (out / "table_batch_size_paper.md").read_text()
-    assert "| BN | 25.5 ± 0.7 | 35.5 ± 0.7 | 2 |" in (out / "table_batch_size_fixed_total.md").read_text()
+    paper = (out / "table_batch_size_paper.md").read_text()
+    fixed = (out / "table_batch_size_fixed_total.md").read_text()
+    assert "| BN | 20.5 ± 0.7 [14.1, 26.9] | 30.5 ± 0.7 [24.1, 36.9] | 2 |" in paper  # t with 1 df: ±12.7 SE
+    assert "| BN | 25.5 ± 0.7 | 35.5 ± 0.7 | 2 |" in without_intervals(fixed)
     report = (out / "report.md").read_text()
     assert "## Does the claim hold? (paper protocol" in report and "## Does the claim hold? (fixed total batch" in report
     assert "W fixed" in (out / "table_batch_size_paper.tex").read_text()
 
 
-def test_a_margin_below_the_noise_reads_within_noise(tmp_path):
-    """GN ahead of BN at N=2 by 0.3 points on 360 test images (binomial error ~0.7 points): undecided."""
-    for norm, n, error in (("bn", 32, 2.0), ("bn", 2, 2.6), ("gn", 32, 2.2), ("gn", 2, 2.3)):
+def test_one_seed_cannot_decide_and_says_so(tmp_path):
+    """One seed per cell: no interval over seeds, so every verdict is undecided and the report says why."""
+    for norm, n, error in (("bn", 32, 2.0), ("bn", 2, 12.6), ("gn", 32, 2.2), ("gn", 2, 2.3)):
         fake_run(tmp_path, f"{norm}{n}", norm, n, 0, error, test_size=360)
     results = {f.what: f for f in findings(collect([tmp_path]))}
-    crossing = results["GN beats BN at N=2"]
-    assert crossing.margin == pytest.approx(0.3)
-    assert crossing.uncertainty == pytest.approx(100 * (0.026 * 0.974 / 360) ** 0.5)  # the larger binomial SE
-    assert crossing.verdict == "within noise" and crossing.holds is None
+    assert results["BN's error rises from N=32 to N=2"].margin.mean == pytest.approx(10.6)
+    assert {f.verdict for f in results.values()} == {"undecided"} and all(f.holds is None for f in results.values())
     report_main([str(tmp_path)])
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| GN beats BN at N=2 | BN − GN = +0.3 points | +0.3 ± 0.8 |" in report
+    assert "| GN beats BN at N=2 | BN − GN = +10.3 points | +10.3 (one seed: no interval) |" in report
     assert "One seed per cell" in report
 
 
-def test_verdicts_weigh_the_margin_against_the_seed_spread(tmp_path):
+def test_a_margin_whose_interval_covers_zero_reads_undecided(tmp_path):
+    """GN ahead of BN at N=2 by 1 point on average, but one seed of three the other way: undecided."""
+    for seed, (bn2, gn2) in enumerate([(31.0, 29.0), (30.0, 30.5), (32.0, 30.5)]):
+        for norm, n, error in (("bn", 32, 20.0 + seed), ("bn", 2, bn2), ("gn", 32, 24.0 + seed), ("gn", 2, gn2)):
+            fake_run(tmp_path, f"{norm}{n}-s{seed}", norm, n, seed, error)
+    crossing = {f.what: f for f in findings(collect([tmp_path]))}["GN beats BN at N=2"]
+    diffs = [31.0 - 29.0, 30.0 - 30.5, 32.0 - 30.5]
+    low, high = scipy_stats.t.interval(0.95, 2, loc=statistics.mean(diffs), scale=scipy_stats.sem(diffs))
+    assert crossing.margin.mean == pytest.approx(1.0) and crossing.margin.paired
+    assert crossing.interval == (pytest.approx(low), pytest.approx(high)) and low < 0 < high
+    assert crossing.verdict == "undecided"
+
+
+def test_verdicts_rest_on_the_paired_interval_of_the_difference(tmp_path):
     for seed, (bn2, gn2) in enumerate([(30.0, 25.0), (34.0, 27.0), (32.0, 26.0)]):
         for norm, n, error in (("bn", 32, 20.0 + seed), ("bn", 2, bn2), ("gn", 32, 24.0 + seed), ("gn", 2, gn2)):
             fake_run(tmp_path, f"{norm}{n}-s{seed}", norm, n, seed, error)
     crossing = {f.what: f for f in findings(collect([tmp_path]))}["GN beats BN at N=2"]
-    assert crossing.margin == pytest.approx(32.0 - 26.0) and crossing.uncertainty == pytest.approx(2.0)
+    diffs = [5.0, 7.0, 6.0]
+    low, high = scipy_stats.t.interval(0.95, 2, loc=6.0, scale=scipy_stats.sem(diffs))
+    assert crossing.margin.mean == pytest.approx(6.0) and crossing.interval == (pytest.approx(low), pytest.approx(high))
     assert crossing.verdict == "holds"
+
+
+def test_intervals_equal_scipys_and_pairing_narrows_them_when_seeds_share_noise():
+    values = [10.0, 12.5, 11.0, 13.0]
+    e = estimate(values)
+    low, high = scipy_stats.t.interval(0.95, 3, loc=statistics.mean(values), scale=scipy_stats.sem(values))
+    assert (e.mean, e.std, e.n) == (pytest.approx(11.625), pytest.approx(statistics.stdev(values)), 4)
+    assert (e.low, e.high) == (pytest.approx(low), pytest.approx(high))
+    seed_noise = pd.Series([0.0, 3.0, -2.0, 1.5, -1.0])  # what a seed does to both cells alike (data order, init)
+    a, b = 50.0 + seed_noise + pd.Series([0.1, -0.1, 0.0, 0.05, -0.05]), 48.0 + seed_noise
+    paired, unpaired = difference(a, b, paired=True), difference(a, b, paired=False)
+    welch = scipy_stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (unpaired.low, unpaired.high) == (pytest.approx(welch.low), pytest.approx(welch.high))
+    rel = scipy_stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (paired.low, paired.high) == (pytest.approx(rel.low), pytest.approx(rel.high))
+    assert paired.mean == pytest.approx(unpaired.mean) == pytest.approx(2.0)
+    assert paired.half_width < unpaired.half_width / 10 and paired.low > 0 > unpaired.low
 
 
 def test_under_a_fixed_total_batch_the_claim_check_tests_the_invariance(tmp_path):
@@ -244,13 +312,20 @@ def test_under_a_fixed_total_batch_the_claim_check_tests_the_invariance(tmp_path
         for n in (32, 2):
             fixed_total_run(tmp_path, "gn", n, seed, 25.0 + seed)
             fixed_total_run(tmp_path, "ln", n, seed, 27.0 + seed + (0.5 if (n, seed) == (2, 1) else 0.0))
-    results = {f.what: f for f in findings(collect([tmp_path]))}
+    runs = collect([tmp_path])
+    results = {f.what: f for f in findings(runs)}
     assert not any(what.startswith("GN is flat") for what in results)  # flatness is no finding under fixed B
-    assert results["GN identical at N ∈ {32, 2} (invariance: it never sees N)"].verdict == "holds"
-    ln = results["LN identical at N ∈ {32, 2} (invariance: it never sees N)"]
+    assert not any("identical" in what for what in results)  # the invariance is a sanity check, not a claim
+    checks = {f.what: f for f in sanity(runs)}
+    assert checks["GN identical at N ∈ {32, 2} (it never sees N)"].verdict == "holds"
+    ln = checks["LN identical at N ∈ {32, 2} (it never sees N)"]
     assert ln.verdict == "does not hold" and "0.50 points" in ln.ours
+    assert results["BN's error rises from N=32 to N=2"].margin.paired  # every N shares seeds and data order
     assert results["BN's error rises from N=32 to N=2"].verdict == "holds"
-    assert results["GN beats BN at N=2"].margin == pytest.approx(6.0)
+    assert results["GN beats BN at N=2"].margin.mean == pytest.approx(6.0)
+    report_main([str(tmp_path)])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Sanity checks" in report and "| LN identical at N ∈ {32, 2} (it never sees N) |" in report
 
 
 def test_runs_at_several_budgets_get_a_table_each_and_the_crossing_vs_budget(tmp_path):
@@ -319,28 +394,96 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
             fixed_total_run(tmp_path, "bn", n, seed, errors[(n, "ema")] + seed, **modes)
             fixed_total_run(tmp_path, "gn", n, seed, 24.0 + seed)
     assert report_main([str(tmp_path)]) == 0
-    table = (tmp_path / "report" / "table_bn_eval.md").read_text()
+    table = without_intervals((tmp_path / "report" / "table_bn_eval.md").read_text())
     assert "| BN, ema | 20.5 ± 0.7 | 35.5 ± 0.7 | +15.0 |" in table
     assert "| BN, precise | 19.5 ± 0.7 | 30.5 ± 0.7 | +11.0 |" in table
     assert "| BN, batch | 21.5 ± 0.7 | 26.5 ± 0.7 | +5.0 |" in table
     assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
     assert (tmp_path / "report" / "fig_bn_eval.png").is_file()
     assert report_main([str(tmp_path), "--metric", "val_error_batch_median5", "--out", str(tmp_path / "b")]) == 0
-    assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in (tmp_path / "b" / "table_batch_size.md").read_text()
+    batch_table = without_intervals((tmp_path / "b" / "table_batch_size.md").read_text())
+    assert "| BN | 21.5 ± 0.7 | 26.5 ± 0.7 | 2 |" in batch_table
 
 
-NORM_BATCH = REPO / "results" / "reference" / "cifar10_norm_batch"
+# ---------------------------------------------------------------- Tables 1 and 3, provenance, the metric
+
+def test_table_1_appears_beside_the_papers_only_when_bn_and_another_norm_share_the_largest_n(tmp_path):
+    for seed in (0, 1, 2):
+        for norm, error in (("bn", 30.0), ("gn", 31.0), ("ln", 33.0)):
+            fake_run(tmp_path / "all", f"{norm}-s{seed}", norm, 32, seed, error + seed)
+        fake_run(tmp_path / "bn_only", f"bn32-s{seed}", "bn", 32, seed, 30.0 + seed)
+        fake_run(tmp_path / "bn_only", f"gn8-s{seed}", "gn", 8, seed, 31.0 + seed)
+    table = norms_table(collect([tmp_path / "all"]))
+    assert table["norm"].tolist() == ["bn", "gn", "ln"]
+    gn = table.set_index("norm").loc["gn"]
+    assert gn["delta"].mean == pytest.approx(1.0) and gn["delta"].paired and gn["delta"].half_width == 0
+    assert gn["paper"] == 24.1 and gn["paper_delta"] == pytest.approx(0.5)
+    assert report_main([str(tmp_path / "all")]) == 0
+    text = (tmp_path / "all" / "report" / "table_norms.md").read_text()
+    assert "| GN | 32.0 ± 1.0 [29.5, 34.5] | +1.0 [+1.0, +1.0] | 3 | 24.1 | +0.5 |" in text
+    assert "\\toprule" in (tmp_path / "all" / "report" / "table_norms.tex").read_text()
+    assert norms_table(collect([tmp_path / "bn_only"])).empty
+    assert report_main([str(tmp_path / "bn_only")]) == 0
+    assert not (tmp_path / "bn_only" / "report" / "table_norms.md").exists()
 
 
-@pytest.mark.parametrize("folder, tables", [
-    (NORM_BATCH, ("table_batch_size.md", "table_batch_size.tex", "table_bn_eval.md")),
-    (NORM_BATCH / "budget", ("table_budget_fixed_total.md", "table_batch_size_fixed_total_4ep.md")),
-    (REPO / "results" / "reference" / "cifar10_bn_eval", ("table_bn_eval.md",)),
-])
-def test_the_published_fixed_total_studies_regenerate_from_their_runs_csv(tmp_path, folder, tables):
-    assert (folder / "runs.csv").exists(), f"{folder} is a published study"
-    assert report_main([str(folder / "runs.csv"), "--out", str(tmp_path), "--metric", "val_error"]) == 0
-    for table in tables:
-        assert (tmp_path / table).read_text() == (folder / table).read_text(), table
-    runs = pd.read_csv(folder / "runs.csv")
-    assert set(runs["status"]) == {"done"} and set(runs["protocol"]) == {"fixed_total"}
+def test_table_3_needs_an_ablation_of_three_settings(tmp_path):
+    for seed in (0, 1):
+        fake_run(tmp_path, f"g8-s{seed}", "gn", 32, seed, 30.0 + seed, groups=8)
+        fake_run(tmp_path, f"ln-s{seed}", "ln", 32, seed, 31.0 + seed, groups=1)
+        fake_run(tmp_path, f"bn-s{seed}", "bn", 32, seed, 29.0 + seed)
+    assert groups_tables(collect([tmp_path])) == {}  # G=8 beside LN: two settings, no ablation
+    assert report_main([str(tmp_path)]) == 0
+    assert not any((tmp_path / "report" / name).exists() for name in ("table_groups.md", "fig_groups.png"))
+
+
+def test_a_report_from_runs_of_two_commits_names_both_and_flags_it(tmp_path):
+    fake_run(tmp_path / "one", "a", "bn", 32, 0, 10.0, git_commit="aaaa1111")
+    fake_run(tmp_path / "one", "b", "bn", 32, 1, 11.0, git_commit="aaaa1111")
+    assert report_main([str(tmp_path / "one")]) == 0
+    clean = (tmp_path / "one" / "report" / "report.md").read_text()
+    assert "| aaaa1111 | no | 2 |" in clean and "Flagged" not in clean
+    fake_run(tmp_path / "two", "a", "bn", 32, 0, 10.0, git_commit="aaaa1111")
+    fake_run(tmp_path / "two", "b", "bn", 32, 1, 11.0, git_commit="bbbb2222-dirty")
+    assert report_main([str(tmp_path / "two")]) == 0
+    report = (tmp_path / "two" / "report" / "report.md").read_text()
+    assert "| aaaa1111 | no | 1 |" in report and "| bbbb2222 | yes | 1 |" in report
+    assert "**Flagged: mixed commits: the runs come from 2 commits (aaaa1111, bbbb2222).**" in report
+    assert "**Flagged: dirty tree: 1 of 2 runs were made with uncommitted changes.**" in report
+
+
+def test_without_a_reading_the_median_of_5_is_not_used_on_runs_that_decay_to_zero(tmp_path):
+    """Runs whose lr changes every epoch (cosine) have one evaluation at their final lr: the report uses the final
+    evaluation and says why; runs with 5 or more at their final lr keep the paper's median of the last 5."""
+    for name, lrs in (("cosine", [0.1, 0.08, 0.05, 0.02, 0.005, 0.001]), ("step", [0.1, 0.01, 0.01, 0.01, 0.01, 0.01])):
+        for seed in (0, 1):
+            run = fake_run(tmp_path / name, f"bn-s{seed}", "bn", 32, seed, 10.0 + seed)
+            summary = json.loads((run / "summary.json").read_text())
+            (run / "summary.json").write_text(json.dumps({**summary, "val_error": 10.0 + seed,
+                                                          "val_error_median5": 20.0 + seed}))
+            rows = [{"epoch": e + 1, "lr": lr, "train_error": 9.0, "val_error": 10.0} for e, lr in enumerate(lrs)]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert report_main([str(tmp_path / "cosine")]) == 0
+    report = (tmp_path / "cosine" / "report" / "report.md").read_text()
+    assert "(`val_error`), chosen by the runs' lr records" in report and "fewest: 1" in report
+    assert "| BN | 10.5 ± 0.7 [4.1, 16.9] |" in (tmp_path / "cosine" / "report" / "table_batch_size.md").read_text()
+    assert report_main([str(tmp_path / "step")]) == 0
+    assert "| BN | 20.5 ± 0.7" in (tmp_path / "step" / "report" / "table_batch_size.md").read_text()
+
+
+@pytest.mark.parametrize("content, words", [("metric: val_eror\nwhy: typo\n", "metric='val_eror'"),
+                                            ("metric: val_error\n", "needs a 'why'"),
+                                            ("colour: red\n", "unknown key 'colour'"), ("[1, 2\n", "cannot be read")])
+def test_a_bad_reading_file_is_refused_before_any_work(tmp_path, capsys, content, words):
+    fake_run(tmp_path, "a", "bn", 32, 0, 10.0)
+    (tmp_path / "reading.yaml").write_text(content)
+    assert report_main([str(tmp_path)]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "report").exists()
+
+
+def test_the_html_page_escapes_what_it_read_from_disk(tmp_path):
+    fake_run(tmp_path, "<img src=x onerror=alert(1)>", "bn", 32, 0, None, status="failed", error="x")
+    fake_run(tmp_path, "ok", "bn", 32, 1, 10.0)
+    assert report_main([str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.analysis.figures import STYLE, _band, _log2_axis, plt, save
-from normlab.analysis.metrics_info import METRICS, norm_color, norm_label
-from normlab.analysis.tables import _cell, finished, main_setting, stats
+from normlab.analysis.cells import finished, main_setting, stats
+from normlab.analysis.figures import STYLE, _log2_axis, plot_cells, plt, save, seeds_text
+from normlab.analysis.metrics_info import METRICS, norm_color, norm_label, norm_marker
+from normlab.analysis.tables import CELL_NOTE, cell_text, estimate_of
 
 MODES = {"ema": "EMA (running averages)", "precise": "precise (recomputed population statistics)",
          "batch": "batch statistics (as in training)"}
@@ -40,7 +41,7 @@ def long_by_mode(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def bn_eval_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Rows: BN per mode (and GN); columns: N, largest first; cells (mean, std, n); a last column, the rise."""
+    """Rows: BN per mode (and GN); columns: N, largest first; cells Estimates; a last column, the rise."""
     if long.empty:
         return pd.DataFrame()
     s = stats(long, ["mode", "norm", "per_worker_batch"], "value")
@@ -49,8 +50,7 @@ def bn_eval_table(long: pd.DataFrame) -> pd.DataFrame:
     for (mode, norm), cell in s.groupby(["mode", "norm"], sort=False):
         cell = cell.set_index("per_worker_batch")
         label = f"{norm_label(norm)}, {mode}" if mode != "reference" else norm_label(norm)
-        rows[label] = {int(b): (cell.loc[b, "mean"], cell.loc[b, "std"], int(cell.loc[b, "n"])) if b in cell.index
-                       else None for b in batches}
+        rows[label] = {int(b): estimate_of(cell.loc[b]) if b in cell.index else None for b in batches}
         big, small = max(batches), min(batches)
         rise = (cell.loc[small, "mean"] - cell.loc[big, "mean"]) if {big, small} <= set(cell.index) else None
         rows[label][f"rise {big}→{small}"] = rise
@@ -63,30 +63,35 @@ def bn_eval_markdown(table: pd.DataFrame, metric: str) -> str:
     columns = list(table.columns)
     lines = ["| BN evaluated with \\ N | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]
     for label, row in table.iterrows():
-        cells = [_cell(None if isinstance(v, float) and pd.isna(v) else v) for v in row.iloc[:-1]]
+        cells = [cell_text(None if isinstance(v, float) and pd.isna(v) else v) for v in row.iloc[:-1]]
         rise = row.iloc[-1]
         cells.append("–" if rise is None or pd.isna(rise) else f"{rise:+.1f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return f"{METRICS[metric].label}, mean ± std over seeds.\n\n" + "\n".join(lines) + "\n"
+    return f"{METRICS[metric].label}: {CELL_NOTE}.\n\n" + "\n".join(lines) + "\n"
 
 
 def fig_bn_eval(long: pd.DataFrame, out: Path, metric: str, name: str = "fig_bn_eval") -> list[Path]:
     if long.empty:
         return []
-    s = stats(long, ["mode", "norm", "per_worker_batch"], "value")
+    grid = sorted({int(v) for v in long["per_worker_batch"]}, reverse=True)
+    long = long.assign(per_worker_batch=long["per_worker_batch"].astype(int))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for (mode, norm), line in s.groupby(["mode", "norm"], sort=False):
-            line = line.sort_values("per_worker_batch", ascending=False)
-            label = f"BN, {MODES[mode]}" if mode in MODES else f"{norm_label(norm)} (for reference)"
-            _band(ax, line["per_worker_batch"], line, norm_color(norm), label)
-            ax.lines[-1].set_linestyle(STYLES.get(mode, "-"))
-        _log2_axis(ax, s["per_worker_batch"])
+        series = list(long.groupby(["mode", "norm"], sort=False))
+        for i, ((mode, norm), line) in enumerate(series):
+            counts = line.groupby("per_worker_batch").size()
+            label = (f"BN, {MODES[mode]}" if mode in MODES else f"{norm_label(norm)} (for reference)") + \
+                f" ({seeds_text(counts)})"
+            marker = {"ema": "o", "precise": "v", "batch": "^"}.get(mode, norm_marker(norm))
+            plot_cells(ax, line, "per_worker_batch", grid, norm_color(norm), marker, label,
+                       linestyle=STYLES.get(mode, "-"),
+                       dodge=1.05 ** (i - (len(series) - 1) / 2))
+        _log2_axis(ax, grid)
         ax.set_xlabel(METRICS["per_worker_batch"].label)
         ax.set_ylabel(METRICS[metric].label)
         ax.set_title("BN at test time: which statistics normalize the test images", fontsize=11)
         ax.legend(frameon=False, fontsize=9)
-        return save(fig, out / name, ("png", "pdf"))
+        return save(fig, out / name)
 
 
 def has_modes(runs: pd.DataFrame, metric: str) -> bool:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from normlab.analysis.cells import DEFAULT_METRIC, finished, main_setting, stats
 from normlab.analysis.figures import STYLE, plt, save
-from normlab.analysis.metrics_info import METRICS
-from normlab.analysis.tables import DEFAULT_METRIC, finished, main_setting, stats
+from normlab.analysis.metrics_info import METRICS, norm_color
 
 
 def budgets(runs: pd.DataFrame) -> list[int]:
@@ -66,8 +66,9 @@ def fig_budget(table: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, nam
     x = table["steps"] if by_steps else table["epochs"]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6, 4.2))
-        ax.plot(x, table["gn_lag"], marker="o", linewidth=2, color="#d62728", label=f"GN − BN(N={big}): GN's lag")
-        ax.plot(x, table["bn_deficit"], marker="s", linewidth=2, color="#1f77b4",
+        ax.plot(x, table["gn_lag"], marker="o", linewidth=2, color=norm_color("gn"),
+                label=f"GN − BN(N={big}): GN's lag")
+        ax.plot(x, table["bn_deficit"], marker="s", linewidth=2, color=norm_color("bn"),
                 label=f"BN(N={small}) − GN: GN's lead at N={small}")
         ax.axhline(0, color="#333333", linewidth=1)
         ax.set_xscale("log", base=2)
@@ -78,4 +79,4 @@ def fig_budget(table: pd.DataFrame, out: Path, metric: str = DEFAULT_METRIC, nam
         ax.set_ylabel(f"difference in {METRICS[metric].label.split(',')[0].replace(' (%)', '')} (points)")
         ax.set_title("The crossing vs the training budget", fontsize=11)
         ax.legend(frameon=False)
-        return save(fig, out / name, ("png", "pdf"))
+        return save(fig, out / name)

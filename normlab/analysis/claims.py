@@ -1,31 +1,32 @@
-"""Does the paper's claim hold in these runs? The numbers behind each sentence, ours beside the paper's, and the noise.
+"""Does the paper's claim hold in these runs? The numbers behind each sentence, ours beside the paper's, and how sure.
 
-The claim (Wu & He 2018, Figure 1 and Table 1): BN's error rises fast as the per-worker batch
-shrinks, GN's stays flat, GN beats BN at small batches, and at 32 images per worker BN < GN < LN < IN.
+The claim (Wu & He 2018, Figure 1 and Table 1): BN's error rises fast as the per-worker batch shrinks, GN's stays
+flat, GN beats BN at small batches, and at 32 images per worker GN is close to BN and GN < LN < IN.
 
-Every verdict weighs a margin against its uncertainty: the larger of the seed standard deviations of the
-cells it compares (where a cell has two seeds or more) and their test sets' binomial standard errors.
-A margin beyond the uncertainty "holds" or "does not hold"; one inside it is "within noise".
+Each sentence is a margin (> 0: the claim's way) read off a difference between cells, with the difference's 95%
+interval over seeds (paired by seed where the runs share seeds and data order, ``cells``), widened to at least the
+test sets' binomial error. The claim "holds" when that interval lies above zero, "does not hold" when it lies
+below, and is "undecided" when it covers zero or there is no interval (one seed).
 
-Under a fixed total batch (protocol ``fixed_total``) the batch-independent norms never see N, so their
-flatness is no finding: the check is that their runs are identical at every N, an invariance that can fail.
+Under a fixed total batch (protocol ``fixed_total``) the batch-independent norms never see N, so their flatness is
+no finding: whether their runs are identical at every N is a sanity check of the harness, reported apart.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pandas as pd
 
+from normlab.analysis.cells import DEFAULT_METRIC, Cells, main_setting
+from normlab.analysis.intervals import FAILS, HOLDS, UNDECIDED, Estimate, judged, verdict
 from normlab.analysis.metrics_info import norm_label
 from normlab.analysis.reference import paper_table
-from normlab.analysis.tables import DEFAULT_METRIC, finished, main_setting, stats
 from normlab.protocol import FIXED_TOTAL
 
-HOLDS, FAILS, NOISE, NA = "holds", "does not hold", "within noise", "n/a"
 GN_FLAT_POINTS = 2.0  # "flat": GN's spread over N within this many points
-ORDER = ("bn", "gn", "ln", "in")  # Table 1's ordering at 32 images per GPU
+GN_NEAR_BN_POINTS = 1.0  # "close to BN" at the largest N: GN trails by less than this (the paper: 0.5)
+ORDER = ("gn", "ln", "in")  # Table 1's ordering after BN at 32 images per GPU
 BATCH_DEPENDENT = ("bn", "brn", "evonorm_b0")  # for runs recorded before summaries said `batch_dependent`
 
 
@@ -34,100 +35,84 @@ class Finding:
     what: str
     ours: str
     paper: str
-    margin: float | None  # > 0: the claim's way
-    uncertainty: float | None  # points; the noise the margin is judged against
+    margin: Estimate | None  # > 0: the claim's way
+    floor: float  # the binomial floor, in points, under the margin's interval
     verdict: str
 
     @property
     def holds(self) -> bool | None:
         return {HOLDS: True, FAILS: False}.get(self.verdict)
 
-
-def judge(margin: float, uncertainty: float) -> str:
-    if margin > uncertainty:
-        return HOLDS
-    return FAILS if margin < -uncertainty else NOISE
+    @property
+    def interval(self) -> tuple[float | None, float | None]:
+        return (None, None) if self.margin is None else judged(self.margin, self.floor)
 
 
-class Cells:
-    """Mean, seed std, seed count and binomial standard error of each (norm, N) cell."""
-
-    def __init__(self, runs: pd.DataFrame, metric: str) -> None:
-        runs = main_setting(runs)
-        by = ["norm", "per_worker_batch"]
-        self.table = stats(runs, by, metric).set_index(by)
-        sizes = pd.to_numeric(runs.get("test_size", pd.Series(index=runs.index, dtype=float)), errors="coerce")
-        self.test_size = runs.assign(test_size=sizes).groupby(by)["test_size"].min()
-
-    def mean(self, norm: str, n: int) -> float | None:
-        return self.table["mean"].get((norm, n))
-
-    def noise(self, norm: str, n: int) -> float:
-        """The seed std (two seeds or more), and at least the test set's binomial standard error, in points."""
-        row = self.table.loc[(norm, n)]
-        spread = float(row["std"]) if row["n"] >= 2 else 0.0
-        size, p = self.test_size.get((norm, n)), float(row["mean"]) / 100
-        binomial = 100 * math.sqrt(p * (1 - p) / size) if size and not pd.isna(size) and 0 <= p <= 1 else 0.0
-        return max(spread, binomial)
-
-    def batches(self) -> list[int]:
-        return sorted({n for _, n in self.table.index})
-
-    def seeds(self) -> int:
-        return int(self.table["n"].max()) if len(self.table) else 0
+def _finding(what: str, ours: str, paper: str, margin: Estimate, floor: float) -> Finding:
+    return Finding(what, ours, paper, margin, floor, verdict(margin, floor))
 
 
 def findings(runs: pd.DataFrame, metric: str = DEFAULT_METRIC, protocol: str | None = None) -> list[Finding]:
     """The claim's sentences for runs of one batch protocol (`protocol`, or the one the runs have)."""
-    if protocol is None:
-        found = set(finished(runs)["protocol"].dropna()) if "protocol" in runs else set()
-        protocol = found.pop() if len(found) == 1 else "paper"
-    cells = Cells(runs, metric)
-    if cells.table.empty:
+    cells = Cells(runs, metric, protocol)
+    if cells.empty:
         return []
     paper2 = paper_table("table2").set_index(["norm", "per_worker_batch"])["val_error_top1"]
     batches = cells.batches()
     big, small = max(batches), min(batches)
-    at, noise = cells.mean, cells.noise
+    has, at = cells.has, cells.mean
     out = []
 
-    if at("bn", big) is not None and at("bn", small) is not None and big != small:
-        rise, u = at("bn", small) - at("bn", big), max(noise("bn", small), noise("bn", big))
-        out.append(_finding(f"BN's error rises from N={big} to N={small}", f"{rise:+.1f} points",
-                            f"{paper2[('bn', 2)] - paper2[('bn', 32)]:+.1f} points (N=32 → 2)", rise, u))
-    if protocol == FIXED_TOTAL:
-        out += _invariance(runs, metric)
-    else:
-        gn = [(at("gn", n), n) for n in batches if at("gn", n) is not None]
+    if has("bn", big) and has("bn", small) and big != small:
+        rise = cells.difference(("bn", small), ("bn", big))
+        out.append(_finding(f"BN's error rises from N={big} to N={small}", f"{rise.mean:+.1f} points",
+                            f"{paper2[('bn', 2)] - paper2[('bn', 32)]:+.1f} points (N=32 → 2)", rise,
+                            cells.floor(("bn", small), ("bn", big))))
+    if cells.protocol != FIXED_TOTAL:
+        gn = sorted((at("gn", n), n) for n in batches if has("gn", n))
         if len(gn) > 1:
-            (low, n_low), (high, n_high) = min(gn), max(gn)
-            spread, u = high - low, max(noise("gn", n_low), noise("gn", n_high))
+            (low, n_low), (high, n_high) = gn[0], gn[-1]
+            spread = cells.difference(("gn", n_high), ("gn", n_low))
             paper_gn = [paper2[("gn", n)] for n in (32, 16, 8, 4, 2)]
             out.append(_finding(f"GN is flat over N ∈ {{{', '.join(map(str, sorted(batches, reverse=True)))}}} "
-                                f"(spread ≤ {GN_FLAT_POINTS:g} points)", f"spread {spread:.1f} points",
-                                f"spread {max(paper_gn) - min(paper_gn):.1f} points", GN_FLAT_POINTS - spread, u))
-    if at("gn", small) is not None and at("bn", small) is not None:
-        gap, u = at("bn", small) - at("gn", small), max(noise("bn", small), noise("gn", small))
-        out.append(_finding(f"GN beats BN at N={small}", f"BN − GN = {gap:+.1f} points",
-                            f"BN − GN = {paper2[('bn', 2)] - paper2[('gn', 2)]:+.1f} points (N=2)", gap, u))
-    ranked = [n for n in ORDER if at(n, big) is not None]
+                                f"(spread < {GN_FLAT_POINTS:g} points)", f"spread {high - low:.1f} points",
+                                f"spread {max(paper_gn) - min(paper_gn):.1f} points",
+                                spread.shifted(GN_FLAT_POINTS, -1), cells.floor(("gn", n_high), ("gn", n_low))))
+    if has("gn", small) and has("bn", small):
+        gap = cells.difference(("bn", small), ("gn", small))
+        out.append(_finding(f"GN beats BN at N={small}", f"BN − GN = {gap.mean:+.1f} points",
+                            f"BN − GN = {paper2[('bn', 2)] - paper2[('gn', 2)]:+.1f} points (N=2)", gap,
+                            cells.floor(("bn", small), ("gn", small))))
+    paper1 = paper_table("table1").set_index("norm")["val_error_top1"]
+    if has("gn", big) and has("bn", big):
+        lag = cells.difference(("gn", big), ("bn", big))
+        out.append(_finding(f"GN is close to BN at N={big} (trails by < {GN_NEAR_BN_POINTS:g} point)",
+                            f"GN − BN = {lag.mean:+.1f} points",
+                            f"GN − BN = {paper1['gn'] - paper1['bn']:+.1f} points (Table 1, N=32)",
+                            lag.shifted(GN_NEAR_BN_POINTS, -1), cells.floor(("gn", big), ("bn", big))))
+    ranked = [n for n in ORDER if has(n, big)]
     if len(ranked) > 1:
-        paper1 = paper_table("table1").set_index("norm")["val_error_top1"]
-        gaps = [at(b, big) - at(a, big) for a, b in zip(ranked, ranked[1:])]
-        u = max(noise(n, big) for n in ranked)
+        pairs = [(a, b, cells.difference((b, big), (a, big)), cells.floor((a, big), (b, big)))
+                 for a, b in zip(ranked, ranked[1:])]
+        verdicts = [verdict(gap, floor) for _, _, gap, floor in pairs]
+        # the pair that decides: the first reversed one, else the least certain one
+        deciding = next((p for p, v in zip(pairs, verdicts) if v == FAILS),
+                        min(pairs, key=lambda p: judged(p[2], p[3])[0] if p[2].low is not None else float("-inf")))
         ours = " < ".join(norm_label(n) for n in sorted(ranked, key=lambda n: at(n, big)))
         values = ", ".join(f"{norm_label(n)} {at(n, big):.1f}" for n in ranked)
         paper = " < ".join(f"{norm_label(n)} {paper1[n]:.1f}" for n in ORDER)
-        out.append(_finding(f"Ordering at N={big} (Table 1)", f"{ours} ({values})", paper, min(gaps), u))
+        result = FAILS if FAILS in verdicts else HOLDS if set(verdicts) == {HOLDS} else UNDECIDED
+        a, b, gap, floor = deciding
+        out.append(Finding(f"Ordering {' < '.join(map(norm_label, ranked))} at N={big} (Table 1; the margin: "
+                           f"{norm_label(b)} − {norm_label(a)})", f"{ours} ({values})", paper, gap, floor, result))
     return out
 
 
-def _finding(what: str, ours: str, paper: str, margin: float, uncertainty: float) -> Finding:
-    return Finding(what, ours, paper, margin, uncertainty, judge(margin, uncertainty))
-
-
-def _invariance(runs: pd.DataFrame, metric: str) -> list[Finding]:
-    """Each batch-independent norm: the same seed gives the same error at every N (fixed total batch)."""
+def sanity(runs: pd.DataFrame, metric: str = DEFAULT_METRIC, protocol: str | None = None) -> list[Finding]:
+    """Checks of the harness, not of the paper: under a fixed total batch each batch-independent norm gives the same
+    error for the same seed at every N (it never sees N)."""
+    if (protocol or Cells(runs, metric).protocol) != FIXED_TOTAL:
+        return []
     runs = main_setting(runs).dropna(subset=[metric])
     dependent = runs["batch_dependent"] if "batch_dependent" in runs else runs["norm"].isin(BATCH_DEPENDENT)
     out = []
@@ -139,24 +124,43 @@ def _invariance(runs: pd.DataFrame, metric: str) -> list[Finding]:
             continue
         worst = float(per_seed.max())
         batches = ", ".join(map(str, sorted(group["per_worker_batch"].unique(), reverse=True)))
-        out.append(Finding(f"{norm_label(norm)} identical at N ∈ {{{batches}}} (invariance: it never sees N)",
+        out.append(Finding(f"{norm_label(norm)} identical at N ∈ {{{batches}}} (it never sees N)",
                            f"largest difference {worst:.2f} points over {len(per_seed)} seed(s)",
-                           "by construction", -worst, 0.0, HOLDS if worst == 0 else FAILS))
+                           "by construction", None, 0.0, HOLDS if worst == 0 else FAILS))
     return out
+
+
+def _margin_text(f: Finding) -> str:
+    if f.margin is None:
+        return "–"
+    low, high = f.interval
+    if low is None:
+        return f"{f.margin.mean:+.1f} (one seed: no interval)"
+    widened = " (binomial floor)" if f.floor > (f.margin.half_width or 0) else ""
+    pairing = "paired" if f.margin.paired else "unpaired"
+    return f"{f.margin.mean:+.1f} [{low:+.1f}, {high:+.1f}]{widened}, {pairing}, {f.margin.n} seeds"
 
 
 def findings_markdown(items: list[Finding], seeds: int | None = None) -> str:
     if not items:
         return "_not enough finished runs to test the claim_\n"
-    lines = ["| claim | ours | margin ± noise | paper (ImageNet, ResNet-50) | verdict |", "|---|---|---|---|---|"]
-    for f in items:
-        judged = "–" if f.margin is None else f"{f.margin:+.1f} ± {f.uncertainty:.1f}"
-        lines.append(f"| {f.what} | {f.ours} | {judged} | {f.paper} | {f.verdict} |")
+    lines = ["| claim | ours | margin [95% interval] | paper (ImageNet, ResNet-50) | verdict |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {f.what} | {f.ours} | {_margin_text(f)} | {f.paper} | {f.verdict} |" for f in items]
     text = "\n".join(lines) + "\n"
-    text += ("\nA margin is the claim's way when positive; a verdict needs it beyond the noise (the larger seed "
-             "standard deviation of the cells compared, and at least their test sets' binomial standard error).\n")
+    text += ("\nA margin is the claim's way when positive. Its interval is the 95% Student-t interval over seeds of "
+             "the difference behind it, paired by seed where the runs share seeds and data order, and never narrower "
+             "than the test sets' binomial 95% error. The claim holds when the interval lies above zero, does not "
+             "hold when it lies below, and is undecided when it covers zero (docs/reports.md).\n")
     if seeds == 1:
-        text += ("\n**One seed per cell.** The noise here is the test set's binomial error alone; the variation "
-                 "from seed to seed, usually larger, is not measured, so a margin of a point or two cannot be "
-                 "decided from these runs. The published studies (results/reference/) have 2–3 seeds per cell.\n")
+        text += ("\n**One seed per cell.** No interval over seeds can be formed, so no verdict can be decided from "
+                 "these runs: every claim reads undecided. The published studies (results/reference/) have 2–3 "
+                 "seeds per cell.\n")
     return text
+
+
+def sanity_markdown(items: list[Finding]) -> str:
+    lines = ["| check | ours | expected | result |", "|---|---|---|---|"]
+    lines += [f"| {f.what} | {f.ours} | {f.paper} | {'passes' if f.holds else 'FAILS'} |" for f in items]
+    return "\n".join(lines) + ("\n\nNot a claim of the paper: a check that the harness does what the protocol says "
+                               "(under a fixed total batch a batch-independent norm never sees N).\n")

@@ -3,6 +3,10 @@
 A run directory is any folder with normlab's ``config.yaml`` (written when a job starts),
 ``metrics.jsonl`` or ``summary.json``. A run without a summary is ``unfinished``: listed, never dropped.
 A published ``runs.csv`` can stand in for the run directories.
+
+Beside the summary, each row says which data set the run read (``dataset``: the data config Hydra chose, next to
+``data``, the source kind such as ``imagefolder``) and how many evaluations it made at its final learning rate
+(``evals_at_final_lr``, what the choice of metric rests on: see ``reading``).
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from normlab.analysis.reading import evaluations_at_final_lr
 from normlab.protocol import PAPER, identity
 from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics, unreadable_reason
 
-IDENTITY = ["experiment", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
+IDENTITY = ["experiment", "dataset", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
             "total_batch", "protocol", "lr", "seed"]
-RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s"]
+RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s",
+           "evals_at_final_lr"]
 NUMERIC = ["val_error", "val_error_median5", "best_val_error", "wall_time_s", "lr"]
 REQUIRED_CSV_COLUMNS = ("norm", "per_worker_batch", "status")
 UNREADABLE, INVALID = "unreadable", "invalid"
@@ -44,6 +50,16 @@ def _read_config(run: RunDir) -> dict[str, Any] | None:
         return None
 
 
+def dataset_choice(path: Path) -> str | None:
+    """The data config Hydra composed for the run (``cifar10_jpeg``), from its ``.hydra/hydra.yaml``; None without."""
+    try:
+        hydra = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text())
+        choice = hydra["hydra"]["runtime"]["choices"]["data"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return choice if isinstance(choice, str) else None
+
+
 def run_record(path: Path) -> dict[str, Any]:
     """One row: the summary if the run finished, else what its config and metrics say so far. A record that
     cannot be read, or metrics that repeat an epoch (two writers), make the row unreadable or invalid, with why."""
@@ -55,13 +71,15 @@ def run_record(path: Path) -> dict[str, Any]:
     if problem is not None:
         return {"run_dir": str(path), "status": UNREADABLE, "problem": f"{SUMMARY}: {problem}"}
     summary = run.read_summary()
+    found = {"dataset": dataset_choice(path), "evals_at_final_lr": evaluations_at_final_lr(rows)}
     if summary is not None:
-        record = {"run_dir": str(path), **summary}
+        record = {"run_dir": str(path), **summary, **{k: v for k, v in found.items() if summary.get(k) is None}}
         if repeated:
             record.update(status=INVALID, problem=f"{METRICS} repeats epoch(s) {', '.join(map(str, repeated))}")
         return record
     config = _read_config(run)
-    record: dict[str, Any] = {"run_dir": str(path), "status": "unfinished", "epochs": len(rows)}
+    record: dict[str, Any] = {"run_dir": str(path), "status": "unfinished", "epochs": len(rows),
+                              "dataset": found["dataset"]}
     if config is not None:
         try:
             record.update(identity(config))
@@ -82,7 +100,7 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
             frame[column] = pd.NA
     frame["problem"] = frame["problem"].astype("object")
     for column in NUMERIC + ["groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
-                             "epochs_planned"]:
+                             "epochs_planned", "evals_at_final_lr"]:
         number = pd.to_numeric(frame[column], errors="coerce")
         bad = number.isna() & frame[column].notna()
         frame.loc[bad, "problem"] = [f"{column}={v!r} is not a number" for v in frame.loc[bad, column]]
@@ -92,7 +110,7 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     frame.loc[no_result, "problem"] = "done, but no finite val_error"
     frame.loc[no_result, "status"] = INVALID
     for column in ("groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
-                   "epochs_planned"):
+                   "epochs_planned", "evals_at_final_lr"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
     # runs recorded before batch.total existed all followed the paper's protocol
     frame["protocol"] = frame["protocol"].astype("string").mask(frame["per_worker_batch"].notna()

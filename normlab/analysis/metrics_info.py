@@ -36,12 +36,16 @@ METRICS = {m.name: m for m in (
 RUN_METRICS = ("val_error_median5", "val_error", "best_val_error",  # per-run errors the tables can show
                *(f"val_error_{mode}{suffix}" for mode in ("ema", "precise", "batch") for suffix in ("_median5", "")))
 
-# The paper's colors as far as it has them: BN blue, GN red; then a fixed palette for the rest.
+# One colour and one marker per norm everywhere, from Okabe & Ito's colour-blind-safe palette (BN blue, GN
+# vermilion, as close to the paper's as the palette allows), every colour with contrast on white; the markers tell
+# the norms apart where colours alone would not.
 NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
                "evonorm_b0": "EvoNorm-B0", "evonorm_s0": "EvoNorm-S0", "gn_ws": "GN+WS"}
-NORM_COLORS = {"bn": "#1f77b4", "gn": "#d62728", "ln": "#2ca02c", "in": "#9467bd", "none": "#7f7f7f",
-               "brn": "#17becf", "frn": "#ff7f0e", "evonorm_b0": "#8c564b", "evonorm_s0": "#e377c2",
-               "gn_ws": "#bcbd22"}
+NORM_COLORS = {"bn": "#0072B2", "gn": "#D55E00", "ln": "#009E73", "in": "#CC79A7", "none": "#555555",
+               "brn": "#56B4E9", "frn": "#E69F00", "evonorm_b0": "#000000", "evonorm_s0": "#882255",
+               "gn_ws": "#999933"}
+NORM_MARKERS = {"bn": "o", "gn": "s", "ln": "^", "in": "D", "none": "x", "brn": "v", "frn": "P",
+                "evonorm_b0": "X", "evonorm_s0": "*", "gn_ws": "h"}
 NORM_ORDER = list(NORM_LABELS)
 
 
@@ -51,6 +55,10 @@ def norm_label(norm: str) -> str:
 
 def norm_color(norm: str) -> str:
     return NORM_COLORS.get(norm, "#333333")
+
+
+def norm_marker(norm: str) -> str:
+    return NORM_MARKERS.get(norm, "o")
 
 
 def norm_sort_key(norm: str) -> int:
