@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from normlab.analysis import regime
+from normlab.analysis.collect import tidy
 
 
 def runs_from(margins: dict[int, list[float]], lag: float = 5.0, penalty: float = 4.0) -> pd.DataFrame:
@@ -22,7 +23,7 @@ def runs_from(margins: dict[int, list[float]], lag: float = 5.0, penalty: float 
                 rows.append({"status": "done", "norm": norm, "per_worker_batch": n, "groups": groups, "seed": seed,
                              "epochs_planned": epochs, "val_error": error, "train_size": 50_000,
                              "steps_per_epoch": 390, "test_size": 10_000})
-    return pd.DataFrame(rows)
+    return tidy(pd.DataFrame(rows))  # the columns a collected runs table has
 
 
 def test_differences_are_paired_by_seed():
@@ -82,8 +83,17 @@ def test_reproduction_points_from_the_published_numbers():
     assert befranke["steps"] == pytest.approx(5_000_000 / 32)
 
 
-def test_the_report_says_what_the_rule_found(tmp_path):
-    written = regime.write_regime_report(runs_from({5: [-6.0, -5.0], 10: [-4.0, -3.6], 20: [-2.0, -2.2]}), tmp_path)
-    text = (tmp_path / "table_regime.md").read_text()
+def test_the_table_and_figure_say_what_the_rule_found(tmp_path):
+    seeds = regime.per_seed(runs_from({5: [-6.0, -5.0], 10: [-4.0, -3.6], 20: [-2.0, -2.2]}))
+    summary = regime.budget_summary(seeds)
+    text = regime.regime_markdown(summary, seeds)
     assert "No crossing by 20 epochs" in text and "reaches zero near" in text
-    assert {p.name for p in written} == {"table_regime.md", "fig_regime.png", "fig_regime.pdf"}
+    written = regime.fig_regime(seeds, summary, regime.reproductions(), tmp_path)
+    assert {p.name for p in written} == {"fig_regime.png", "fig_regime.pdf"}
+
+
+def test_a_group_ablation_beside_the_map_stays_out_of_it():
+    runs = runs_from({5: [-3.0, -1.0], 10: [-2.0, -1.0]})
+    ablation = runs[runs["norm"] == "gn"].assign(groups=2, val_error=99.0)
+    seeds = regime.per_seed(pd.concat([runs, ablation.iloc[:1]], ignore_index=True))  # 1 ablation run, 4 of G=8
+    assert seeds["margin"].tolist() == pytest.approx([-3.0, -1.0, -2.0, -1.0])

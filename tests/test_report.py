@@ -329,8 +329,8 @@ def test_under_a_fixed_total_batch_the_claim_check_tests_the_invariance(tmp_path
 
 
 def test_runs_at_several_budgets_get_a_table_each_and_the_crossing_vs_budget(tmp_path):
-    """Each budget is its own Table 2 (never averaged with another); the budget table has GN's lag and BN's
-    deficit at N=2, computed here from the cells by hand."""
+    """Each budget is its own Table 2 (never averaged with another); the budget table has GN's lag, BN's penalty
+    and the crossing margin at N=2, computed here from the cells by hand."""
     cells = {4: {("bn", 32): 50.0, ("bn", 2): 62.0, ("gn", 32): 60.0},
              16: {("bn", 32): 30.0, ("bn", 2): 38.0, ("gn", 32): 35.0}}
     for epochs, errors in cells.items():
@@ -342,8 +342,8 @@ def test_runs_at_several_budgets_get_a_table_each_and_the_crossing_vs_budget(tmp
     assert "| BN | 50.0 | 62.0 | 1 |" in (out / "table_batch_size_fixed_total_4ep.md").read_text()
     assert "| BN | 30.0 | 38.0 | 1 |" in (out / "table_batch_size_fixed_total_16ep.md").read_text()
     budget = (out / "table_budget_fixed_total.md").read_text()
-    assert "| 4 | 400 | 50.0 | 62.0 | 60.0 | +10.0 | +2.0 | 1 |" in budget
-    assert "| 16 | 1600 | 30.0 | 38.0 | 35.0 | +5.0 | +3.0 | 1 |" in budget
+    assert "| 4 | – | 400 | 1 | 50.0 | 62.0 | 60.0 | +10.0 | +12.0 | +2.0 | – | no |" in budget
+    assert "| 16 | – | 1,600 | 1 | 30.0 | 38.0 | 35.0 | +5.0 | +8.0 | +3.0 | – | no |" in budget
     assert (out / "fig_budget.png").is_file()
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from normlab.analysis.cells import finished, main_setting
 from normlab.analysis.figures import STYLE, plt, save
 
 DIFFERENCES = {  # column: (label, colour; Okabe-Ito, colour-blind safe)
@@ -40,11 +41,17 @@ def reproductions() -> pd.DataFrame:
         return pd.read_csv(f)
 
 
+def budgets(runs: pd.DataFrame) -> list[int]:
+    """The distinct planned epoch counts of the finished runs, smallest first."""
+    return sorted(int(e) for e in finished(runs)["epochs_planned"].dropna().unique())
+
+
 def per_seed(runs: pd.DataFrame, metric: str = "val_error") -> pd.DataFrame:
-    """One row per (budget, seed) with all three settings finished: their errors and the three differences."""
-    done = runs[(runs["status"] == "done") & runs["norm"].isin(["bn", "gn"]) & runs[metric].notna()]
-    bn = done[done["norm"] == "bn"]
-    gn = done[(done["norm"] == "gn") & (done["groups"] == done.loc[done["norm"] == "gn", "groups"].min())]
+    """One row per (budget, seed) with all three settings finished: their errors and the three differences.
+    GN is the study's own setting (its most common group count), never a group ablation beside it."""
+    done = main_setting(runs)
+    done = done[done["norm"].isin(["bn", "gn"]) & done[metric].notna()]
+    bn, gn = done[done["norm"] == "bn"], done[done["norm"] == "gn"]
     if bn.empty or gn.empty:
         return pd.DataFrame()
     big, small = int(bn["per_worker_batch"].max()), int(bn["per_worker_batch"].min())
@@ -157,7 +164,7 @@ def reproduction_points(reference: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame) -> str:
+def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame, metric_label: str = "final top-1 val error (%)") -> str:
     if summary.empty:
         return "_no budget with BN at two N and GN finished for a common seed_\n"
     big, small = int(seeds["big"].iloc[0]), int(seeds["small"].iloc[0])
@@ -173,25 +180,28 @@ def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         threshold = "–" if math.isnan(r["threshold"]) else f"{r['threshold']:.1f}"
-        lines.append(f"| {r['epochs']} | {r['images']:,} | {r['steps']:,} | {r['seeds']} | {r['bn_big']:.1f} | "
+        count = {k: "–" if r[k] is None or pd.isna(r[k]) else f"{int(r[k]):,}" for k in ("images", "steps")}
+        lines.append(f"| {r['epochs']} | {count['images']} | {count['steps']} | {r['seeds']} | {r['bn_big']:.1f} | "
                      f"{r['bn_small']:.1f} | {r['gn']:.1f} | {cell(r, 'lag')} | {cell(r, 'penalty')} | "
                      f"{cell(r, 'margin')} | {threshold} | {'yes' if r['clears'] else 'no'} |")
-    lines += ["", "Top-1 test error (%, the final epoch), mean over seeds; differences in points, paired by seed: "
+    lines += ["", f"{metric_label[0].upper()}{metric_label[1:]}, mean over seeds; differences in points, paired by seed: "
               "mean ± sample standard deviation [± half-width of the Student-t 95% interval]. The threshold is "
               "max(2 × the margin's seed spread, 2 × the test set's binomial error)."]
     found = crossing_budget(summary)
     line = trend(summary)
-    if found is not None:
+    if summary["seeds"].max() < 2:
+        verdict = "One seed per budget: the margin has no seed spread, so the rule cannot decide."
+    elif found is not None:
         verdict = f"The crossing: BN(N={small}) − GN clears its threshold from {found} epochs on."
     else:
         verdict = (f"No crossing by {int(summary['epochs'].max())} epochs: no budget's margin clears its threshold "
                    "and stays positive.")
-        if line is not None and line["zero_epochs"] is not None:
-            verdict += (f" A line through the mean margins against log2(images) rises {line['slope_per_doubling']:.1f}"
-                        f" points per doubling and reaches zero near {line['zero_epochs']:.0f} epochs "
-                        f"({line['zero_images']:,.0f} images): an extrapolation, not a measurement.")
-        elif line is not None:
-            verdict += " The mean margin does not rise with the budget."
+    if found is None and line is not None and line["zero_epochs"] is not None:
+        verdict += (f" A line through the mean margins against log2(images) rises {line['slope_per_doubling']:.1f}"
+                    f" points per doubling and reaches zero near {line['zero_epochs']:.0f} epochs "
+                    f"({line['zero_images']:,.0f} images): an extrapolation, not a measurement.")
+    elif found is None and line is not None:
+        verdict += " The mean margin does not rise with the budget."
     return "\n".join(lines) + "\n\n" + verdict + "\n"
 
 
@@ -223,17 +233,8 @@ def fig_regime(seeds: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFra
             axes[1].scatter([], [], marker=marker, facecolors="none", edgecolors="#555555",
                             label=f"published: {source.split(' ')[0]}")
         axes[0].set_ylabel("difference in top-1 test error (points)")
-        axes[0].legend(frameon=False, fontsize=9, loc="upper right")
-        axes[1].legend(frameon=False, fontsize=8, loc="upper right")
+        handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+        labels = [label for ax in axes for label in ax.get_legend_handles_labels()[1]]
+        fig.legend(handles, labels, frameon=False, fontsize=9, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.03))
         fig.suptitle("Where the claim holds: the three differences against the training budget", fontsize=12)
         return save(fig, out / name, ("png", "pdf"))
-
-
-def write_regime_report(runs: pd.DataFrame, out: Path, metric: str = "val_error") -> list[Path]:
-    """table_regime.md and fig_regime.{png,pdf} into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    seeds = per_seed(runs, metric)
-    summary = budget_summary(seeds) if not seeds.empty else pd.DataFrame()
-    table = out / "table_regime.md"
-    table.write_text(regime_markdown(summary, seeds))
-    return [table, *fig_regime(seeds, summary, reproductions(), out)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.analysis import bn_eval, budget, figures, tables
+from normlab.analysis import bn_eval, figures, regime, tables
 from normlab.analysis.cells import Cells
 from normlab.analysis.claims import findings, findings_markdown, sanity, sanity_markdown
 from normlab.analysis.collect import collect_curves, write_runs
@@ -53,7 +53,7 @@ def status_markdown(runs: pd.DataFrame) -> str:
 
 def _budgets_apart(runs: pd.DataFrame) -> list[int | None]:
     """Runs trained for several budgets are tabulated per budget, never averaged together."""
-    found = budget.budgets(runs)
+    found = regime.budgets(runs)
     return found if len(found) > 1 else [None]
 
 
@@ -123,13 +123,15 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
             f"![fig_curves_{n}{suffix}](fig_curves_{n}{suffix}.png)" for n in curve_norms) + "\n")] * bool(curve_norms)
     for protocol in found:
         subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
-        table = budget.budget_table(subset, metric) if len(budget.budgets(subset)) > 1 else pd.DataFrame()
-        if not table.empty:
+        seeds = regime.per_seed(subset, metric) if len(regime.budgets(subset)) > 1 else pd.DataFrame()
+        summary = regime.budget_summary(seeds) if not seeds.empty else pd.DataFrame()
+        if len(summary) > 1:
             name = "fig_budget" if len(found) == 1 else f"fig_budget_{protocol}"
-            table_file(f"table_budget_{protocol}.md", budget.budget_markdown(table))
-            written["figures"] += budget.fig_budget(table, out, metric, name)
-            sections.append((f"The crossing vs the training budget ({protocol_label(protocol)})",
-                             budget.budget_markdown(table) + f"\n![{name}]({name}.png)\n"))
+            table_md = regime.regime_markdown(summary, seeds, METRICS[metric].label)
+            table_file(f"table_budget_{protocol}.md", table_md)
+            written["figures"] += regime.fig_regime(seeds, summary, regime.reproductions(), out, name)
+            sections.append((f"Where the claim holds: the crossing vs the training budget ({protocol_label(protocol)})",
+                             table_md + f"\n![{name}]({name}.png)\n"))
     sections.append(("The paper's numbers (ImageNet, ResNet-50, top-1 val error %)", paper_markdown()))
 
     groups = tables.groups_tables(runs, metric)
