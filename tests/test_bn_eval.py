@@ -10,7 +10,7 @@ from torch import nn
 from normlab.errors import ConfigError
 from normlab.validation import validate
 from normlab.engine import bn_eval
-from normlab.engine.trainer import train
+from normlab.train import train
 from normlab.norms import build_norm
 from normlab.records import read_metrics
 from tests.conftest import compose_config

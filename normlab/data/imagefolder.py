@@ -23,6 +23,7 @@ from normlab.cache import cache_dir
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.records import atomic_write
+from normlab.settings import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 TEST_SPLITS = ("val", "test")
@@ -119,8 +120,16 @@ class Selection:
     def num_images(self) -> int:
         return sum(len(self.files(s)[0]) for s in ("train", self.test_split))
 
+    def shape(self) -> DataShape:
+        return DataShape(channels=3, size=self.size, num_classes=len(self.classes),
+                         train_size=len(self.files("train")[0]), test_size=len(self.files(self.test_split)[0]))
 
-def select(cfg) -> Selection:
+    def fits_in(self, max_gb: float) -> bool:
+        """Whether the decoded uint8 images fit in `max_gb` (else they stream through a DataLoader)."""
+        return self.num_images * 3 * self.size ** 2 <= max_gb * 1e9
+
+
+def select(cfg: DataConfig) -> Selection:
     """Check the settings against the tree (ConfigError naming the key) and pick classes and size."""
     if not cfg.root:
         raise ConfigError("data.root=None is invalid: imagefolder needs data.root, a folder or a .zip "
@@ -175,7 +184,7 @@ def decode(selection: Selection, split: str) -> tuple[torch.Tensor, torch.Tensor
     return images, torch.tensor(labels, dtype=torch.long)
 
 
-def cache_path(cfg, selection: Selection) -> Path:
+def cache_path(cfg: DataConfig, selection: Selection) -> Path:
     """Keyed by the source and every selected file: a zip by its size and mtime, a folder by each file's."""
     tree = selection.tree
     stat = tree.path.stat()
@@ -191,19 +200,13 @@ def cache_path(cfg, selection: Selection) -> Path:
 
 
 class ImageFolderSource:
-    def describe(self, cfg) -> DataShape:
-        selection = select(cfg)
-        return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes),
-                         train_size=len(selection.files("train")[0]),
-                         test_size=len(selection.files(selection.test_split)[0]))
+    def describe(self, cfg: DataConfig) -> DataShape:
+        return select(cfg).shape()
 
-    def fits_in_memory(self, cfg) -> bool:
-        selection = select(cfg)
-        return selection.num_images * 3 * selection.size ** 2 <= cfg.in_memory_max_gb * 1e9
-
-    def load(self, cfg) -> ImageSet:
-        """Decode every selected image once; later runs read the uint8 cache."""
-        selection = select(cfg)
+    def load(self, cfg: DataConfig, selection: Selection | None = None) -> ImageSet:
+        """Decode every selected image once (`selection`: the files resolved already); later runs read the
+        uint8 cache."""
+        selection = selection or select(cfg)
         path = cache_path(cfg, selection)
         if path.exists():
             try:  # tensors and a list of names only: a planted or damaged cache runs nothing, and is redone

@@ -16,6 +16,7 @@ import torch
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.data.imagefolder import ImageFolderSource
 from normlab.errors import ConfigError
+from normlab.settings import DataConfig
 
 
 def from_hwc(images: np.ndarray) -> torch.Tensor:
@@ -31,10 +32,10 @@ class Digits:
 
     test_fraction, split_seed = 0.2, 0
 
-    def describe(self, cfg) -> DataShape:
+    def describe(self, cfg: DataConfig) -> DataShape:
         return DataShape(channels=1, size=8, num_classes=10, train_size=1437, test_size=360)
 
-    def load(self, cfg) -> ImageSet:
+    def load(self, cfg: DataConfig) -> ImageSet:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -53,7 +54,7 @@ class Cifar:
         self.num_classes = num_classes
         self.folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
 
-    def describe(self, cfg) -> DataShape:
+    def describe(self, cfg: DataConfig) -> DataShape:
         root = Path(os.path.expanduser(cfg.root or "data"))
         if not cfg.download and not (root / self.folder).is_dir():
             raise ConfigError(
@@ -62,7 +63,7 @@ class Cifar:
             )
         return DataShape(channels=3, size=32, num_classes=self.num_classes, train_size=50_000, test_size=10_000)
 
-    def load(self, cfg) -> ImageSet:
+    def load(self, cfg: DataConfig) -> ImageSet:
         from torchvision import datasets
 
         cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
@@ -80,14 +81,14 @@ class Cifar:
 class Synthetic:
     """Seeded random images and labels of any shape, for tests and benchmarks."""
 
-    def describe(self, cfg) -> DataShape:
+    def describe(self, cfg: DataConfig) -> DataShape:
         for key in ("num_train", "num_test", "channels", "size"):
-            if cfg[key] < 1:
-                raise ConfigError(f"data.{key}={cfg[key]} is invalid: must be >= 1")
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(cfg, key)} is invalid: must be >= 1")
         return DataShape(channels=cfg.channels, size=cfg.size, num_classes=cfg.num_classes or 10,
                          train_size=cfg.num_train, test_size=cfg.num_test)
 
-    def load(self, cfg) -> ImageSet:
+    def load(self, cfg: DataConfig) -> ImageSet:
         shape = self.describe(cfg)
         g = torch.Generator().manual_seed(1234)
         n = cfg.num_train + cfg.num_test
