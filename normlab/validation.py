@@ -131,7 +131,7 @@ def validate(cfg: DictConfig) -> DataSpec:
            "must be in [0, 1)")
     if cfg.eval.bn_stats != BnStats.ema or cfg.eval.compare_bn_stats:
         spec = REGISTRY[cfg.norm.name]
-        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
+        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", str(cfg.eval.bn_stats),
                f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
                "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
     _check_device(cfg.trainer.device)

@@ -88,7 +88,7 @@ class ImageTree:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def fit(image: Image.Image, size: int) -> Image.Image:
+def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size`, then center-crop to size × size."""
     w, h = image.size
     if min(w, h) != size:
@@ -178,7 +178,7 @@ def decode(selection: Selection, split: str) -> tuple[torch.Tensor, torch.Tensor
     names, labels = selection.files(split)
     images = torch.empty(len(names), 3, selection.size, selection.size, dtype=torch.uint8)
     for i, name in enumerate(names):
-        array = torch.frombuffer(bytearray(fit(selection.tree.open_image(name), selection.size).tobytes()),
+        array = torch.frombuffer(bytearray(resize_and_center_crop(selection.tree.open_image(name), selection.size).tobytes()),
                                  dtype=torch.uint8)
         images[i] = array.view(selection.size, selection.size, 3).permute(2, 0, 1)
     return images, torch.tensor(labels, dtype=torch.long)
