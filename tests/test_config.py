@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -325,3 +328,46 @@ def test_a_run_saved_with_the_fixed_words_as_text_is_the_same_job(tiny, tmp_path
     saved = yaml.safe_load(spec.config_yaml)
     assert saved["trainer"]["precision"] == "fp32" and type(saved["schedule"]["name"]) is str
     assert changed_keys(saved, spec.recorded_config, schema_defaults("bn")) == []
+
+
+# ---------------------------------------------------------------- the run spec below the edge
+
+def test_the_engine_and_the_data_run_without_the_config_system():
+    """Below the app's edge nothing imports Hydra or OmegaConf: the engine takes the resolved RunSpec."""
+    code = ("import sys, normlab.engine.trainer, normlab.data, normlab.engine.optim, normlab.run_spec; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_run_spec_holds_the_resolved_job_and_is_frozen(tiny):
+    import dataclasses
+
+    from normlab.validation import resolve_run
+
+    cfg = tiny("batch.workers=null", "batch.total=8", "norm=gn", "norm.groups=4", "trainer.precision=fp32")
+    spec = resolve_run(cfg, validate(cfg), threads=3)
+    assert (spec.batch.per_worker, spec.batch.workers, spec.batch.total_batch) == (4, 2, 8)
+    assert spec.batch.lr == pytest.approx(0.1 * 8 / 256) and spec.batch.protocol == "fixed_total"
+    assert spec.norm.options == {"name": "gn", "groups": 4, "eps": 1e-5, "affine": True}
+    assert spec.data.shape.train_size == 64 and spec.runtime.threads == 3 and spec.runtime.precision == "fp32"
+    assert spec.run_name == "gn-G4-N4xW2-s0"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from normlab.engine.cpu_features import cpu_flags, has_fast_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx2", "avx512f"} and not has_fast_bf16(cpu_flags(info))
+    native = tmp_path / "cpuinfo_bf16"  # another file: the flags are read once per file
+    native.write_text("processor\t: 0\nflags\t\t: avx512f avx512_bf16\n")
+    assert has_fast_bf16(cpu_flags(native))
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    reference = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch's own (private) check, where it has one
+    if reference is not None and Path("/proc/cpuinfo").exists():
+        assert has_fast_bf16() == (reference() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
