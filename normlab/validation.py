@@ -187,7 +187,7 @@ def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(
                 device: str | None = None) -> RunSpec:
     """The job's ``RunSpec``, from a config ``validate`` passed (and the `data` it resolved) and this process's
     place in the job. `threads` and `device`: what the launcher gave a job that runs beside others
-    (normlab/machine.py), used where the config leaves trainer.threads null and trainer.device auto."""
+    (normlab/machine_share.py), used where the config leaves trainer.threads null and trainer.device auto."""
     plan = effective(cfg)
     check_world(cfg, world)
     trainer = cfg.trainer
