@@ -26,13 +26,14 @@ class ProtocolError(ValueError):
 
 
 @dataclass(frozen=True)
-class Effective:
-    """Values derived from the config, logged at start and recorded with the results."""
+class BatchPlan:
+    """The batch protocol of a job: N, W, B = N·W and the lr, resolved once; logged and recorded with the results."""
 
-    workers: int
-    total_batch: int
+    per_worker: int  # N
+    workers: int  # W
+    total_batch: int  # B
     lr: float
-    protocol: str
+    protocol: str  # PAPER or FIXED_TOTAL
 
 
 def divisors(total: int) -> list[int]:
@@ -60,12 +61,14 @@ def resolve_workers(batch: Any) -> tuple[int, str]:
     return total // per_worker, FIXED_TOTAL
 
 
-def effective(cfg: Any) -> Effective:
+def effective(cfg: Any) -> BatchPlan:
+    """The batch plan of a config mapping (a composed config, or one read back from a run's config.yaml)."""
     workers, protocol = resolve_workers(cfg["batch"])
-    total = cfg["batch"]["per_worker"] * workers
+    per_worker = cfg["batch"]["per_worker"]
+    total = per_worker * workers
     optim = cfg["optim"]
     lr = optim["lr"] if optim.get("lr") is not None else optim["base_lr"] * total / optim["base_batch"]
-    return Effective(workers=workers, total_batch=total, lr=float(lr), protocol=protocol)
+    return BatchPlan(per_worker=per_worker, workers=workers, total_batch=total, lr=float(lr), protocol=protocol)
 
 
 def identity(cfg: Any) -> dict[str, Any]:
@@ -79,11 +82,11 @@ def identity(cfg: Any) -> dict[str, Any]:
     if "groups" in norm and groups is None and group_size is None:
         groups = DEFAULT_GROUPS
     groups, group_size = {"ln": (1, None), "in": (None, 1)}.get(norm["name"], (groups, group_size))
-    eff = effective(cfg)
+    plan = effective(cfg)
     return {
         "experiment": cfg["name"], "model": cfg["model"]["name"], "norm": norm["name"],
         "groups": groups, "group_size": group_size,
-        "per_worker_batch": cfg["batch"]["per_worker"], "workers": eff.workers,
-        "total_batch": eff.total_batch, "protocol": eff.protocol, "lr": eff.lr, "data": cfg["data"]["name"], "seed": cfg["seed"],
+        "per_worker_batch": plan.per_worker, "workers": plan.workers, "total_batch": plan.total_batch,
+        "protocol": plan.protocol, "lr": plan.lr, "data": cfg["data"]["name"], "seed": cfg["seed"],
         "epochs_planned": cfg["trainer"]["epochs"],
     }

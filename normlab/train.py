@@ -4,7 +4,7 @@
     normlab-train -m experiment=demo
 
 Jobs that a launcher runs side by side (``hydra/launcher=joblib``, ``submitit_local``) each get a share of
-the machine: CPU threads, and a GPU of their own on a multi-GPU machine (normlab/sweep.py).
+the machine: CPU threads, and a GPU of their own on a multi-GPU machine (normlab/machine_share.py).
 
 ``torchrun --nproc_per_node=K -m normlab.train ARGS`` runs one job on K processes (normlab/engine/dist.py).
 
@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,10 +29,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab import search_path, sweep
+from normlab import search_path
+from normlab.machine_share import MachineShare, share_machine
 from normlab.config import register_configs
 from normlab.engine import dist
 from normlab.errors import ConfigError, RunFolderBusy
+from normlab.validation import resolve_run, validate
 
 log = logging.getLogger("normlab")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -70,16 +73,26 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def train(cfg: DictConfig, run_dir: str | os.PathLike, share: MachineShare = MachineShare()) -> dict[str, Any] | None:
+    """Validate `cfg`, resolve it into the job's ``RunSpec`` and run the job into `run_dir`: its summary, or None
+    when it was done already. Bad input raises ``ConfigError`` before anything is read or written. `share`: what
+    the launcher leaves this job of a sweep (threads, a GPU)."""
+    from normlab.engine.trainer import run_job
+
+    data = validate(cfg)
+    world = dist.init()
+    spec = resolve_run(cfg, data, world, threads=share.threads, device=share.device)
+    return run_job(spec, run_dir)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> str:
     """One job. Returns its outcome for the sweep's callbacks: the summary's status, "skipped" (already
     done), "invalid", "busy" (another process holds its folder) or "failed" (a multirun goes on past all three)."""
-    from normlab.engine.trainer import train
-
     run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        with sweep.share_machine(cfg):  # parallel jobs: a CPU-threads budget each, a GPU each
-            summary = train(cfg, run_dir)  # validates first: ConfigError before anything is read
+    try:  # parallel jobs: a CPU-threads budget each, a GPU each
+        with share_machine(cfg.trainer.threads, cfg.trainer.device) as share:
+            summary = train(cfg, run_dir, share)  # validates first: ConfigError before anything is read
     except ConfigError as e:  # RunFolderBusy too: another process has the folder
         if in_multirun():
             busy = isinstance(e, RunFolderBusy)

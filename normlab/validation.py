@@ -1,9 +1,9 @@
-"""``validate(cfg)``: the one place a composed config's invariants are checked, before any data is read.
+"""The app's edge: ``validate(cfg)`` checks a composed config, ``resolve_run`` turns it into the job's ``RunSpec``.
 
-Each group's schema (normlab/config.py) checks its keys and types as Hydra composes; what one group cannot
-check alone is checked here: value ranges, keys no schema has, and the invariants across groups (G against
-every layer's channels, the per-worker batch against the norm, a data path that does not exist). Every
-failure is a ConfigError naming the key, the value and what is valid.
+Each group's schema (normlab/settings.py) checks its keys, types and fixed sets of words as Hydra composes; what
+one group cannot check alone is checked here, before any data is read: value ranges, keys no schema has, and
+the invariants across groups (G against every layer's channels, the per-worker batch against the norm, a data
+path that does not exist). Every failure is a ConfigError naming the key, the value and what is valid.
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from normlab.config import (GROUP_SCHEMAS, BatchConfig, EvalConfig, TrainConfig, model_options,
-                            norm_options)
+from normlab.config import GROUP_SCHEMAS, BatchConfig, EvalConfig, TrainConfig, model_options, norm_options
+from normlab.data import DataSpec
+from normlab.engine import dist
+from normlab.engine.runtime import resolve_cuda_graph, resolve_device, resolve_precision
 from normlab.errors import ConfigError
+from normlab.loggers.progress import ProgressBar
 from normlab.norms import REGISTRY
-from normlab.protocol import ProtocolError, effective
+from normlab.protocol import BatchPlan, ProtocolError, effective, identity
+from normlab.run_spec import ModelSpec, NormSpec, RunSpec, Runtime, TrainingLength
+from normlab.settings import BnStats
 from normlab.switches import SWITCH, switch
 
 
@@ -86,9 +91,11 @@ def _check_known_keys(cfg: DictConfig) -> None:
                                   f"{hint}valid keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the invariants across groups, before any data is read. Raises ConfigError."""
-    from normlab.data import describe
+def validate(cfg: DictConfig) -> DataSpec:
+    """Check the invariants across groups, before any data is read. Raises ConfigError.
+
+    Returns the data it resolved to check it (an image folder listed, its classes picked), for ``resolve_run``."""
+    from normlab.data import resolve as resolve_data
 
     _check_known_keys(cfg)
     _check_ranges(cfg)
@@ -98,16 +105,13 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.batch.total is None or cfg.batch.total >= 1, "batch.total", cfg.batch.total,
            "must be >= 1, or null for the paper's protocol (W = batch.workers)")
     try:
-        workers = effective(cfg).workers
+        plan = effective(cfg)
     except ProtocolError as e:
         raise ConfigError(str(e)) from None
     _check(cfg.trainer.epochs >= 1, "trainer.epochs", cfg.trainer.epochs, "need at least 1 epoch")
     _check(cfg.trainer.eval_every >= 1, "trainer.eval_every", cfg.trainer.eval_every, "must be >= 1")
-    _check(cfg.trainer.precision in ("auto", "fp32", "bf16"), "trainer.precision", cfg.trainer.precision,
-           "valid: auto, fp32, bf16")
     _check(switch(cfg.trainer.channels_last) in SWITCH, "trainer.channels_last",
            cfg.trainer.channels_last, "valid: auto, true, false")
-    _check(cfg.schedule.name in ("step", "cosine"), "schedule.name", cfg.schedule.name, "valid: step, cosine")
     _check(all(0 < m < 1 for m in cfg.schedule.milestones), "schedule.milestones", list(cfg.schedule.milestones),
            "milestones are fractions of training, each between 0 and 1")
     _check(0 <= cfg.schedule.warmup_epochs <= cfg.trainer.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
@@ -125,14 +129,9 @@ def validate(cfg: DictConfig) -> None:
            cfg.trainer.progress, "valid: auto, true, false")
     _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
            "must be in [0, 1)")
-    _check(cfg.logger.name in ("none", "wandb"), "logger.name", cfg.logger.name, "valid: none, wandb")
-    _check(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
-           "valid: offline, online, disabled")
-    _check(cfg.eval.bn_stats in ("ema", "precise", "batch"), "eval.bn_stats", cfg.eval.bn_stats,
-           "valid: ema, precise, batch")
-    if cfg.eval.bn_stats != "ema" or cfg.eval.compare_bn_stats:
+    if cfg.eval.bn_stats != BnStats.ema or cfg.eval.compare_bn_stats:
         spec = REGISTRY[cfg.norm.name]
-        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", cfg.eval.bn_stats,
+        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", str(cfg.eval.bn_stats),
                f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
                "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
     _check_device(cfg.trainer.device)
@@ -150,19 +149,67 @@ def validate(cfg: DictConfig) -> None:
         _check(_resolves_to_cuda(cfg.trainer.device), "trainer.cuda_graph", True,
                f"CUDA graphs need a CUDA device, and trainer.device={cfg.trainer.device} resolves to the CPU here; "
                f"use trainer.cuda_graph=auto or false")
-    shape = describe(cfg.data)  # checks the data name, its options and that its files exist
-    total = cfg.batch.per_worker * workers
+    data = resolve_data(OmegaConf.to_object(cfg.data))  # checks the data name, its options and its files
+    shape, total = data.shape, plan.total_batch
     if shape.train_size is not None and total > shape.train_size:
-        raise ConfigError(f"batch.per_worker × workers = {cfg.batch.per_worker} × {workers} = {total} "
+        raise ConfigError(f"batch.per_worker × workers = {cfg.batch.per_worker} × {plan.workers} = {total} "
                           f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
                           f"step's batch; lower batch.per_worker, batch.workers or batch.total")
-    _check_model(cfg, shape)
+    _check_model(cfg, plan, shape)
+    return data
 
 
 def host_synced_norm(cfg: DictConfig) -> bool:
     """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
     one_batch_bn = (cfg.norm.name == "bn" and effective(cfg).workers == 1) or cfg.norm.name == "syncbn"
     return one_batch_bn and cfg.norm.get("momentum", 0.1) is None and cfg.norm.get("track_running_stats", True)
+
+
+def check_world(cfg: DictConfig, world: dist.World) -> None:
+    """What a job on several processes needs of its config; ConfigError naming both sides."""
+    if world.size == 1:
+        return
+    plan = effective(cfg)
+    if plan.workers % world.size:
+        key = "batch.total" if cfg.batch.total is not None else "batch.workers"
+        raise ConfigError(f"{key}: W={plan.workers} workers cannot be split among the job's {world.size} processes "
+                          f"(WORLD_SIZE={world.size}); each rank simulates W/{world.size} of them, so W must be a "
+                          f"multiple of {world.size}")
+    if str(cfg.trainer.device).startswith("cuda:"):
+        raise ConfigError(f"trainer.device={cfg.trainer.device} names one GPU for all {world.size} processes; use "
+                          "trainer.device=cuda or auto: each rank takes the GPU of its LOCAL_RANK")
+    if switch(cfg.trainer.cuda_graph) == "true":
+        raise ConfigError(f"trainer.cuda_graph=true is invalid for a job on {world.size} processes: DDP's gradient "
+                          "all-reduce is not captured in the graph; use trainer.cuda_graph=auto (off) or false")
+
+
+def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(), *, threads: int | None = None,
+                device: str | None = None) -> RunSpec:
+    """The job's ``RunSpec``, from a config ``validate`` passed (and the `data` it resolved) and this process's
+    place in the job. `threads` and `device`: what the launcher gave a job that runs beside others
+    (normlab/machine_share.py), used where the config leaves trainer.threads null and trainer.device auto."""
+    plan = effective(cfg)
+    check_world(cfg, world)
+    trainer = cfg.trainer
+    threads = trainer.threads if trainer.threads is not None else threads
+    device_setting = device if device is not None and trainer.device == "auto" else trainer.device
+    resolved_device = dist.device_for(world, resolve_device(device_setting))
+    runtime = Runtime(
+        device=resolved_device, precision=resolve_precision(trainer.precision, resolved_device), threads=threads,
+        channels_last=switch(trainer.channels_last), compile=bool(trainer.compile),
+        cuda_graph=resolve_cuda_graph(trainer.cuda_graph, resolved_device, trainer.compile,
+                                      host_synced_norm(cfg), world.size),
+        deterministic=trainer.deterministic, world=world)
+    recorded = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    recorded["trainer"].update(threads=threads, device=device_setting)  # config.yaml: what the job ran with
+    return RunSpec(
+        name=cfg.name, seed=cfg.seed, model=ModelSpec.from_settings(OmegaConf.to_object(cfg.model)),
+        norm=NormSpec(cfg.norm.name, norm_options(cfg)), batch=plan, data=data,
+        optim=OmegaConf.to_object(cfg.optim), schedule=OmegaConf.to_object(cfg.schedule),
+        length=TrainingLength(epochs=trainer.epochs, eval_every=trainer.eval_every, checkpoint=trainer.checkpoint,
+                              force=trainer.force, progress=ProgressBar.wanted(trainer.progress)),
+        eval=OmegaConf.to_object(cfg.eval), logger=OmegaConf.to_object(cfg.logger), runtime=runtime,
+        recorded_config=recorded, config_yaml=OmegaConf.to_yaml(recorded), identity=identity(recorded))
 
 
 def _check_device(device: str) -> None:
@@ -180,7 +227,7 @@ def _resolves_to_cuda(device: str) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
-def _check_model(cfg: DictConfig, shape) -> None:
+def _check_model(cfg: DictConfig, plan: BatchPlan, shape) -> None:
     """Build the model on the meta device and run one training batch through it: shapes only, no memory.
 
     This is where the norm meets every layer: G against each layer's channels, and batch statistics
@@ -201,15 +248,14 @@ def _check_model(cfg: DictConfig, shape) -> None:
     norm = norm_options(cfg)
     try:
         with torch.device("meta"):
-            model = build_model(cfg.model.name, shape.num_classes, norm, workers=effective(cfg).workers,
+            model = build_model(cfg.model.name, shape.num_classes, norm, workers=plan.workers,
                                 in_chans=shape.channels, **options)
     except ValueError as e:
         raise ConfigError(f"cannot build model={cfg.model.name} with norm={cfg.norm.name}: {e}") from None
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
              for path, m in model.named_modules() if path]
-    batch = torch.empty(effective(cfg).total_batch, shape.channels, shape.size, shape.size,
-                        device="meta")
+    batch = torch.empty(plan.total_batch, shape.channels, shape.size, shape.size, device="meta")
     try:
         model.train()(batch)
     except ValueError as e:

@@ -47,7 +47,7 @@ from normlab.engine.loop import train_epoch  # noqa: E402
 from normlab.engine.optim import Schedule, build_optimizer  # noqa: E402
 from normlab.engine.step import CudaGraphStep, TrainStep, compile_model  # noqa: E402
 from normlab.engine.memory_format import FORMATS, choose_memory_format  # noqa: E402
-from normlab.engine.trainer import resolve_precision  # noqa: E402
+from normlab.engine.runtime import resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
 from normlab.norms import PerWorkerBatchNorm2d  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from normlab.engine.step import compile_model
-from normlab.engine.trainer import train
+from normlab.train import train
 from normlab.norms import NORMS, REGISTRY, build_norm
 from normlab.records import read_metrics
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,7 +194,7 @@ def test_cuda_graph_needs_cuda_and_excludes_compile(tiny):
 
 
 def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(tiny):
-    from normlab.engine.trainer import resolve_cuda_graph
+    from normlab.engine.runtime import resolve_cuda_graph
 
     cumulative = tiny("norm=bn", "norm.momentum=null", "batch.workers=1")
     with pytest.raises(ConfigError, match=r"trainer.cuda_graph=True is invalid: norm=bn with norm.momentum=null"):
@@ -256,3 +259,115 @@ def test_help_lists_the_config_groups_without_schema_names():
     assert result.returncode == 0
     assert "norm: bn, brn, evonorm_b0" in result.stdout and "experiment: demo" in result.stdout
     assert "schema" not in result.stdout.split("== Config ==")[0]
+
+
+# ---------------------------------------------------------------- one source of defaults
+
+# Files whose every value is the option they name (a model, a data set): their values are choices, not defaults.
+CHOICE_GROUPS = ("model", "data")
+# Keys that make an option file what it is; anything else a file sets must equal the schema's default.
+OPTION_KEYS = {"name"}
+EXTRA_OPTION_KEYS = {"norm/gn8.yaml": {"groups"}}  # gn with G=8: the file's whole point
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    data = yaml.safe_load(path.read_text())
+    data.pop("defaults", None)
+    return data
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").glob("*/*.yaml")
+                                        if p.parent.name not in (*CHOICE_GROUPS, "hydra")))
+def test_every_yaml_default_equals_its_schemas(path):
+    """A value is written once: in the schema (normlab/settings.py, or the norm layer's signature). A YAML file
+    that repeats a default must repeat it exactly, so that a saved run without the key means the same job."""
+    from normlab.settings import schema_defaults
+
+    group = path.split("/")[0]
+    values = _yaml(REPO / "conf" / path)
+    defaults = schema_defaults(values.get("name", "gn") if group == "norm" else "bn")[group]
+    skip = OPTION_KEYS | EXTRA_OPTION_KEYS.get(path, set())
+    differing = {k: (v, defaults.get(k, "<no such key>")) for k, v in values.items()
+                 if k not in skip and defaults.get(k, "<no such key>") != v}
+    assert not differing, f"conf/{path} differs from its schema (yaml, schema): {differing}"
+
+
+def test_train_yaml_repeats_the_schema_defaults_exactly():
+    from normlab.settings import TrainConfig, schema_defaults
+
+    train = _yaml(REPO / "conf" / "train.yaml")
+    defaults = schema_defaults("bn")
+    assert train["batch"] == defaults["batch"] and train["eval"] == defaults["eval"]
+    assert (train["name"], train["seed"]) == (TrainConfig.name, TrainConfig.seed)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("schedule.name", "linear", "step, cosine"), ("trainer.precision", "fp16", "auto, fp32, bf16"),
+    ("logger.name", "tensorboard", "none, wandb"), ("logger.mode", "sometimes", "offline, online, disabled"),
+    ("eval.bn_stats", "median", "ema, precise, batch")])
+def test_a_word_outside_a_fixed_set_is_refused_at_composition_listing_the_valid_words(key, value, words):
+    from normlab.train import one_line
+
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)) as e:
+        compose_config([f"{key}={value}"])
+    assert f"Invalid value '{value}', expected one of [{words}]" in one_line(e.value)
+
+
+def test_a_run_saved_with_the_fixed_words_as_text_is_the_same_job(tiny, tmp_path):
+    """config.yaml of earlier versions holds precision, schedule and bn_stats as plain strings: the same job."""
+    import yaml
+
+    from normlab.engine.rerun import changed_keys
+    from normlab.settings import schema_defaults
+    from normlab.validation import resolve_run
+
+    cfg = tiny("trainer.precision=fp32", "schedule=cosine", "eval.bn_stats=precise")
+    spec = resolve_run(cfg, validate(cfg))
+    saved = yaml.safe_load(spec.config_yaml)
+    assert saved["trainer"]["precision"] == "fp32" and type(saved["schedule"]["name"]) is str
+    assert changed_keys(saved, spec.recorded_config, schema_defaults("bn")) == []
+
+
+# ---------------------------------------------------------------- the run spec below the edge
+
+def test_the_engine_and_the_data_run_without_the_config_system():
+    """Below the app's edge nothing imports Hydra or OmegaConf: the engine takes the resolved RunSpec."""
+    code = ("import sys, normlab.engine.trainer, normlab.data, normlab.engine.optim, normlab.run_spec; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_run_spec_holds_the_resolved_job_and_is_frozen(tiny):
+    import dataclasses
+
+    from normlab.validation import resolve_run
+
+    cfg = tiny("batch.workers=null", "batch.total=8", "norm=gn", "norm.groups=4", "trainer.precision=fp32")
+    spec = resolve_run(cfg, validate(cfg), threads=3)
+    assert (spec.batch.per_worker, spec.batch.workers, spec.batch.total_batch) == (4, 2, 8)
+    assert spec.batch.lr == pytest.approx(0.1 * 8 / 256) and spec.batch.protocol == "fixed_total"
+    assert spec.norm.options == {"name": "gn", "groups": 4, "eps": 1e-5, "affine": True}
+    assert spec.data.shape.train_size == 64 and spec.runtime.threads == 3 and spec.runtime.precision == "fp32"
+    assert spec.run_name == "gn-G4-N4xW2-s0"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.seed = 1
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    from normlab.engine.cpu_features import cpu_flags, has_fast_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == {"fpu", "sse", "avx2", "avx512f"} and not has_fast_bf16(cpu_flags(info))
+    native = tmp_path / "cpuinfo_bf16"  # another file: the flags are read once per file
+    native.write_text("processor\t: 0\nflags\t\t: avx512f avx512_bf16\n")
+    assert has_fast_bf16(cpu_flags(native))
+    assert cpu_flags(tmp_path / "absent") == frozenset()
+    reference = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch's own (private) check, where it has one
+    if reference is not None and Path("/proc/cpuinfo").exists():
+        assert has_fast_bf16() == (reference() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())

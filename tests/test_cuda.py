@@ -21,7 +21,7 @@ def test_every_norm_on_cuda_matches_the_cpu_and_per_worker_bn_matches_a_loop():
 
 
 def test_a_cuda_training_run_uses_bf16_and_records_its_memory_format(tiny, tmp_path):
-    from normlab.engine.trainer import train
+    from normlab.train import train
 
     summary = train(tiny("trainer.device=cuda"), tmp_path)
     assert summary["status"] == "done" and summary["device"] == "cuda"
@@ -33,7 +33,7 @@ def test_a_cuda_training_run_uses_bf16_and_records_its_memory_format(tiny, tmp_p
 def test_every_bn_evaluation_mode_runs_beside_the_cuda_graph_and_leaves_its_training_alone(tiny, tmp_path):
     """precise and batch evaluations run the eager model and restore the running statistics in place, so the
     graph, which reads those very tensors, trains on exactly as without them."""
-    from normlab.engine.trainer import train
+    from normlab.train import train
     from normlab.records import read_metrics
 
     common = ("trainer.device=cuda", "trainer.epochs=2", "eval.precise_images=16")
@@ -93,7 +93,7 @@ def test_a_cuda_graph_step_under_bf16_autocast():
 
 
 def test_a_cuda_graph_training_run(tiny, tmp_path):
-    from normlab.engine.trainer import train
+    from normlab.train import train
 
     graphed = train(tiny("trainer.device=cuda", "trainer.cuda_graph=true"), tmp_path / "graph")
     eager = train(tiny("trainer.device=cuda", "trainer.cuda_graph=false"), tmp_path / "eager")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from normlab import data as datasets
@@ -22,8 +21,16 @@ CIFAR10_JPEG = os.environ.get("NORMLAB_CIFAR10_JPEG", str(Path(__file__).resolve
                                                           "cifar10-jpeg.zip"))
 
 
-def data_cfg(**kwargs):
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), kwargs)
+def describe(settings: DataConfig) -> datasets.DataShape:
+    return datasets.resolve(settings).shape
+
+
+def build(settings: DataConfig, *args, **kwargs) -> datasets.Loaders:
+    return datasets.build(datasets.resolve(settings), *args, **kwargs)
+
+
+def data_cfg(**kwargs) -> DataConfig:
+    return DataConfig(**kwargs)
 
 
 # ---------------------------------------------------------------- batched augmentation
@@ -66,7 +73,7 @@ def test_eval_loader_keeps_order_and_every_sample():
 
 
 def test_normalize_uses_the_training_sets_mean_and_std():
-    loaders = datasets.build(data_cfg(name="synthetic", num_train=256, num_test=64, size=8, augment=False), 32,
+    loaders = build(data_cfg(name="synthetic", num_train=256, num_test=64, size=8, augment=False), 32,
                              torch.device("cpu"),
                              seed=0)
     x = torch.cat([x for x, _ in loaders.train.epoch(1)])
@@ -95,8 +102,8 @@ def test_digits_split_is_fixed_and_stratified():
 
 def test_train_subset_is_class_stratified_seeded_and_leaves_the_test_set_whole():
     cfg = data_cfg(name="digits", train_subset=500)
-    a = datasets.build(cfg, 10, torch.device("cpu"), seed=0)
-    b = datasets.build(cfg, 10, torch.device("cpu"), seed=5)  # the run seed does not move the subset
+    a = build(cfg, 10, torch.device("cpu"), seed=0)
+    b = build(cfg, 10, torch.device("cpu"), seed=5)  # the run seed does not move the subset
     full = datasets.SOURCES["digits"]().load(cfg)
     assert a.train.num_samples == 500 and a.test.num_samples == 360
     assert torch.equal(a.train.labels, b.train.labels) and torch.equal(a.train.images, b.train.images)
@@ -104,15 +111,15 @@ def test_train_subset_is_class_stratified_seeded_and_leaves_the_test_set_whole()
     assert ((torch.bincount(a.train.labels) - shares).abs() < 1).all()
     rows = {tuple(x.flatten().tolist()) for x in full.train_images}  # every subset image is a training image
     assert all(tuple(x.flatten().tolist()) in rows for x in a.train.images.cpu())
-    other = datasets.build(data_cfg(name="digits", train_subset=500, subset_seed=1), 10, torch.device("cpu"), seed=0)
+    other = build(data_cfg(name="digits", train_subset=500, subset_seed=1), 10, torch.device("cpu"), seed=0)
     assert not torch.equal(a.train.images, other.train.images)
 
 
 def test_test_subset_and_the_described_sizes():
     cfg = data_cfg(name="digits", train_subset=100, test_subset=50)
-    assert (datasets.describe(cfg).train_size, datasets.describe(cfg).test_size) == (100, 50)
-    assert datasets.describe(data_cfg(name="digits")).test_size == 360  # sklearn's 1,797 digits, 20% held out
-    loaders = datasets.build(cfg, 10, torch.device("cpu"), seed=0)
+    assert (describe(cfg).train_size, describe(cfg).test_size) == (100, 50)
+    assert describe(data_cfg(name="digits")).test_size == 360  # sklearn's 1,797 digits, 20% held out
+    loaders = build(cfg, 10, torch.device("cpu"), seed=0)
     assert (loaders.train.num_samples, loaders.test.num_samples) == (100, 50)
     full = datasets.SOURCES["digits"]().load(cfg).test_labels
     assert ((torch.bincount(loaders.test.labels) - torch.bincount(full) * 50 / 360).abs() < 1).all()
@@ -126,7 +133,7 @@ def test_test_subset_and_the_described_sizes():
 ])
 def test_bad_subsets_are_named(setting, message):
     with pytest.raises(ConfigError, match=message):
-        datasets.describe(data_cfg(name="digits", **setting))
+        describe(data_cfg(name="digits", **setting))
 
 
 def write_fake_cifar10(root: Path, n_train: int = 20, n_test: int = 10) -> None:
@@ -148,7 +155,7 @@ def test_cifar_loads_torchvisions_layout_as_uint8_nchw(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path)
     monkeypatch.setattr(cifar, "check_integrity", lambda *args: True)  # our files, not the real md5s
     cfg = data_cfg(name="cifar10", root=str(tmp_path))
-    assert datasets.describe(cfg).num_classes == 10
+    assert describe(cfg).num_classes == 10
     image_set = datasets.SOURCES["cifar10"]().load(cfg)
     assert image_set.train_images.shape == (100, 3, 32, 32) and image_set.test_images.shape == (10, 3, 32, 32)
     raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes())["data"][0]
@@ -182,7 +189,7 @@ def test_imagefolder_reads_a_tree_or_a_zip(tmp_path, as_zip):
     write_image_tree(tree)
     root = zip_tree(tree, tmp_path / "tree.zip", prefix="wrapped/") if as_zip else tree
     cfg = data_cfg(name="imagefolder", root=str(root), image_size=8, cache_dir=str(tmp_path / "cache"))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3, train_size=18,
+    assert describe(cfg) == datasets.DataShape(channels=3, size=8, num_classes=3, train_size=18,
                                                                 test_size=9)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (18, 3, 8, 8) and image_set.test_images.shape == (9, 3, 8, 8)
@@ -207,7 +214,7 @@ def test_imagefolder_picks_a_seeded_class_subset_or_a_class_list(tmp_path):
 
 def test_imagefolder_default_size_is_the_first_images_shorter_side(tmp_path):
     write_image_tree(tmp_path / "t", size=(12, 10))
-    assert datasets.describe(data_cfg(name="imagefolder", root=str(tmp_path / "t"))).size == 10
+    assert describe(data_cfg(name="imagefolder", root=str(tmp_path / "t"))).size == 10
 
 
 @pytest.mark.parametrize("setting, message", [
@@ -220,20 +227,20 @@ def test_imagefolder_bad_settings_are_named(tmp_path, setting, message):
     write_image_tree(tmp_path / "t")
     cfg = data_cfg(**{"name": "imagefolder", "root": str(tmp_path / "t"), **setting})
     with pytest.raises(ConfigError, match=message):
-        datasets.describe(cfg)
+        describe(cfg)
 
 
 def test_imagefolder_without_a_test_split_is_named(tmp_path):
     write_image_tree(tmp_path / "t", test_split="holdout")
     with pytest.raises(ConfigError, match=r"holds splits \['holdout', 'train'\]; need train/ and val/ or test/"):
-        datasets.describe(data_cfg(name="imagefolder", root=str(tmp_path / "t")))
+        describe(data_cfg(name="imagefolder", root=str(tmp_path / "t")))
 
 
 def test_large_imagefolder_streams_through_a_dataloader(tmp_path):
     write_image_tree(tmp_path / "t")
     cfg = data_cfg(name="imagefolder", root=str(tmp_path / "t"), image_size=8, in_memory_max_gb=0.0,
                    loader_workers=0, eval_batch=4)
-    loaders = datasets.build(cfg, 4, torch.device("cpu"), seed=0)
+    loaders = build(cfg, 4, torch.device("cpu"), seed=0)
     assert type(loaders.train).__name__ == "StreamLoader"
     batches = list(loaders.train.epoch(1))
     assert len(batches) == len(loaders.train) == 4 and batches[0][0].shape == (4, 3, 8, 8)
@@ -246,7 +253,7 @@ def test_the_real_cifar10_jpeg_zip(tmp_path):
     if not Path(CIFAR10_JPEG).exists():
         pytest.skip(f"the CIFAR-10 JPEG zip is not at {CIFAR10_JPEG}; set NORMLAB_CIFAR10_JPEG to its path")
     cfg = data_cfg(name="imagefolder", root=CIFAR10_JPEG, cache_dir=str(tmp_path))
-    assert datasets.describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10, train_size=50_000,
+    assert describe(cfg) == datasets.DataShape(channels=3, size=32, num_classes=10, train_size=50_000,
                                                                 test_size=10_000)
     image_set = datasets.SOURCES["imagefolder"]().load(cfg)
     assert image_set.train_images.shape == (50_000, 3, 32, 32) and image_set.test_images.shape == (10_000, 3, 32, 32)
@@ -292,7 +299,7 @@ def test_a_corrupt_archive_names_the_file(tmp_path):
     path = tmp_path / "broken.zip"
     path.write_bytes(b"PK\x03\x04 but not really a zip")
     with pytest.raises(ConfigError, match=r"data\.root='.*broken\.zip' is not a readable zip archive \(BadZipFile"):
-        datasets.describe(data_cfg(name="imagefolder", root=str(path)))
+        describe(data_cfg(name="imagefolder", root=str(path)))
 
 
 def test_a_member_that_leaves_its_folder_is_refused_by_name(tmp_path):
@@ -301,7 +308,7 @@ def test_a_member_that_leaves_its_folder_is_refused_by_name(tmp_path):
     with zipfile.ZipFile(path, "a") as zf:
         zf.writestr("../../train/a/x.png", next((tree / "train").rglob("*.png")).read_bytes())
     with pytest.raises(ConfigError, match=r"a member whose path leaves its folder: '\.\./\.\./train/a/x\.png'"):
-        datasets.describe(data_cfg(name="imagefolder", root=str(path)))
+        describe(data_cfg(name="imagefolder", root=str(path)))
 
 
 def test_a_class_missing_from_one_split_is_named(tmp_path):
@@ -311,7 +318,7 @@ def test_a_class_missing_from_one_split_is_named(tmp_path):
         image.unlink()
     first.rmdir()
     with pytest.raises(ConfigError, match=rf"every class needs images in train/ and val/; only in train/: \['{first.name}'\]"):
-        datasets.describe(data_cfg(name="imagefolder", root=str(tree)))
+        describe(data_cfg(name="imagefolder", root=str(tree)))
 
 
 def test_a_shuffled_test_pass_is_one_fixed_order_of_every_test_image():

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from normlab.data.device_loader import DeviceLoader, Normalize
 from normlab.data.stream_loader import StreamLoader
 from normlab.engine import dist
-from normlab.engine.trainer import check_world
+from normlab.validation import check_world
 from normlab.errors import ConfigError
 from normlab.norms import PerWorkerBatchNorm2d
 from normlab.norms.batch import SyncBatchNorm2d

@@ -15,7 +15,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from normlab import sweep
+from normlab import machine_share, sweep
+from normlab.gpu_locks import GPU_LOCK_DIR, claim_gpu
+from normlab.sweep_jobs import count_jobs, swept_keys
+from normlab.validation import resolve_run, validate
 from normlab.records import write_json
 from normlab.train import CONFIG_DIR
 from tests.conftest import TINY, compose_config, run_cli
@@ -55,7 +58,7 @@ def test_joblib_runs_two_jobs_side_by_side_each_with_its_threads_budget(tmp_path
     assert result.returncode == 0, result.stderr
     done = summaries(tmp_path)
     assert [(s["norm"], s["status"]) for s in done] == [("bn", "done"), ("gn", "done")]
-    budget = max(1, sweep.cpu_count() // 2)
+    budget = max(1, machine_share.cpu_count() // 2)
     assert [c.trainer.threads for c in job_configs(tmp_path)] == [budget, budget]
     out = result.stdout + result.stderr
     assert f"shares the machine: trainer.threads={budget}" in out
@@ -100,20 +103,21 @@ def test_the_slurm_config_composes_with_requeue_and_overrides():
     (submitit("SlurmLauncher"), 64, None),
 ])
 def test_threads_budget(launcher, cpus, expected):
-    assert sweep.threads_budget(launcher, cpus) == expected
+    assert machine_share.threads_budget(launcher, cpus) == expected
 
 
-def test_share_machine_sets_null_threads_and_keeps_a_chosen_count(monkeypatch, tmp_path):
-    monkeypatch.setattr(sweep, "cpu_count", lambda: 8)
+def test_share_machine_budgets_null_threads_and_keeps_a_chosen_count(monkeypatch, tmp_path):
+    monkeypatch.setattr(machine_share, "cpu_count", lambda: 8)
+    with machine_share.share_machine(None, "auto", launcher=joblib(4), job_num=0, sweep_dir=tmp_path) as share:
+        assert share == machine_share.MachineShare(threads=2, device=None)
+    with machine_share.share_machine(3, "auto", launcher=joblib(4), job_num=0, sweep_dir=tmp_path) as share:
+        assert share.threads is None  # the job's own trainer.threads=3 stands
+    with machine_share.share_machine(None, "auto", launcher=BASIC, job_num=0, sweep_dir=tmp_path) as share:
+        assert share == machine_share.MachineShare()
     cfg = compose_config(TINY)
-    with sweep.share_machine(cfg, launcher=joblib(4), job_num=0, sweep_dir=tmp_path):
-        assert cfg.trainer.threads == 2
-    chosen = compose_config(TINY + ["trainer.threads=3"])
-    with sweep.share_machine(chosen, launcher=joblib(4), job_num=0, sweep_dir=tmp_path):
-        assert chosen.trainer.threads == 3
-    alone = compose_config(TINY)
-    with sweep.share_machine(alone, launcher=BASIC, job_num=0, sweep_dir=tmp_path):
-        assert alone.trainer.threads is None and alone.trainer.device == "auto"
+    spec = resolve_run(cfg, validate(cfg), threads=2)  # the share goes into the spec and config.yaml, not the config
+    assert spec.runtime.threads == 2 and spec.recorded_config["trainer"]["threads"] == 2
+    assert cfg.trainer.threads is None
 
 
 @pytest.mark.parametrize("device, launcher, n_gpus, slots", [
@@ -128,41 +132,40 @@ def test_share_machine_sets_null_threads_and_keeps_a_chosen_count(monkeypatch, t
     ("auto", submitit("SlurmLauncher", gpus_per_node=2), 2, 0),  # a SLURM job sees only its own GPUs
 ])
 def test_gpu_slots(device, launcher, n_gpus, slots):
-    assert sweep.gpu_slots(device, launcher, n_gpus, cpus=16) == slots
+    assert machine_share.gpu_slots(device, launcher, n_gpus, cpus=16) == slots
 
 
 def test_submitit_local_without_gpus_per_node_is_flagged(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # what submitit_local sets when gpus_per_node is unset
-    assert sweep.hides_gpus(submitit("LocalLauncher"), gpu_present=True)
-    assert not sweep.hides_gpus(submitit("LocalLauncher"), gpu_present=False)
-    assert not sweep.hides_gpus(joblib(2), gpu_present=True)
+    assert machine_share.hides_gpus(submitit("LocalLauncher"), gpu_present=True)
+    assert not machine_share.hides_gpus(submitit("LocalLauncher"), gpu_present=False)
+    assert not machine_share.hides_gpus(joblib(2), gpu_present=True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    assert not sweep.hides_gpus(submitit("LocalLauncher", gpus_per_node=2), gpu_present=True)
+    assert not machine_share.hides_gpus(submitit("LocalLauncher", gpus_per_node=2), gpu_present=True)
 
 
 def test_parallel_jobs_each_claim_a_free_gpu(tmp_path):
     with contextlib.ExitStack() as stack:
-        first = stack.enter_context(sweep.claim_gpu(tmp_path, n_gpus=2, job_num=1))
+        first = stack.enter_context(claim_gpu(tmp_path, n_gpus=2, job_num=1))
         # job 3 would take GPU 1 by its number; GPU 1 is busy, so it takes GPU 0
-        second = stack.enter_context(sweep.claim_gpu(tmp_path, n_gpus=2, job_num=3))
+        second = stack.enter_context(claim_gpu(tmp_path, n_gpus=2, job_num=3))
         assert (first, second) == (1, 0)
-    with sweep.claim_gpu(tmp_path, n_gpus=2, job_num=1) as again:  # released at the end of the block
+    with claim_gpu(tmp_path, n_gpus=2, job_num=1) as again:  # released at the end of the block
         assert again == 1
     with contextlib.ExitStack() as stack:  # two jobs per GPU: every GPU's first slot before a second
-        assert [stack.enter_context(sweep.claim_gpu(tmp_path, 2, slots=2, job_num=0)) for _ in range(4)] == [0, 1, 0, 1]
+        assert [stack.enter_context(claim_gpu(tmp_path, 2, slots=2, job_num=0)) for _ in range(4)] == [0, 1, 0, 1]
 
 
 def test_share_machine_gives_each_parallel_job_its_own_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(sweep, "cpu_count", lambda: 8)
-    cfgs = [compose_config(TINY) for _ in range(3)]
-    with sweep.share_machine(cfgs[0], launcher=joblib(2), job_num=0, sweep_dir=tmp_path):
-        with sweep.share_machine(cfgs[1], launcher=joblib(2), job_num=1, sweep_dir=tmp_path):
-            assert [c.trainer.device for c in cfgs[:2]] == ["cuda:0", "cuda:1"]
-            assert [c.trainer.threads for c in cfgs[:2]] == [4, 4]
-    with sweep.share_machine(cfgs[2], launcher=joblib(2), job_num=3, sweep_dir=tmp_path):
-        assert cfgs[2].trainer.device == "cuda:1"
-    assert sorted(p.name for p in (tmp_path / sweep.GPU_LOCK_DIR).iterdir()) == ["gpu0.0.lock", "gpu1.0.lock"]
+    monkeypatch.setattr(machine_share, "cpu_count", lambda: 8)
+    with machine_share.share_machine(None, "auto", launcher=joblib(2), job_num=0, sweep_dir=tmp_path) as first:
+        with machine_share.share_machine(None, "auto", launcher=joblib(2), job_num=1, sweep_dir=tmp_path) as second:
+            assert [first.device, second.device] == ["cuda:0", "cuda:1"]
+            assert [first.threads, second.threads] == [4, 4]
+    with machine_share.share_machine(None, "auto", launcher=joblib(2), job_num=3, sweep_dir=tmp_path) as third:
+        assert third.device == "cuda:1"
+    assert sorted(p.name for p in (tmp_path / GPU_LOCK_DIR).iterdir()) == ["gpu0.0.lock", "gpu1.0.lock"]
 
 
 # --- sweep progress --------------------------------------------------------------------------------------
@@ -181,12 +184,27 @@ def test_progress_lines_with_the_basic_launcher_and_a_rerun(tmp_path):
 
 def test_count_jobs_reads_the_command_line_and_the_sweeper_params():
     demo = _hydra_config(["experiment=demo"])
-    assert sweep.count_jobs(demo) == 6  # norm: bn,gn × batch.per_worker: 32,8,2
+    assert count_jobs(demo) == 6  # norm: bn,gn × batch.per_worker: 32,8,2
     with_seeds = OmegaConf.merge(demo, {"hydra": {"overrides": {"task": ["experiment=demo", "seed=0,1"]}}})
-    assert sweep.count_jobs(with_seeds) == 12
-    assert sweep.swept_keys(with_seeds) == ["norm", "batch.per_worker", "seed"]
+    assert count_jobs(with_seeds) == 12
+    assert swept_keys(with_seeds) == ["norm", "batch.per_worker", "seed"]
     other = OmegaConf.merge(demo, {"hydra": {"sweeper": {"_target_": "some.OtherSweeper"}}})
-    assert sweep.count_jobs(other) is None
+    assert count_jobs(other) is None
+
+
+def test_job_overrides_match_hydras_basic_sweeper():
+    """The expansion uses Hydra's public override grammar; Hydra's own (private) sweeper is the reference."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from normlab.sweep_jobs import job_overrides, sweep_arguments
+
+    demo = _hydra_config(["experiment=demo"])
+    config = OmegaConf.merge(demo, {"hydra": {"overrides": {"task": [
+        "experiment=demo", "seed=0,1", "norm=gn", "batch.per_worker=range(2,5)", "seed=3,4,5"]}}})
+    parsed = OverridesParser.create().parse_overrides(sweep_arguments(config))
+    expected = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    assert job_overrides(config) == expected and len(expected) == 3 * 3  # norm=gn and the last seed=... win
 
 
 def _job(tmp_path: Path, num: int, summary: dict | None, mode=RunMode.MULTIRUN):

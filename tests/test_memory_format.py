@@ -10,7 +10,7 @@ import torch
 
 from normlab.engine import memory_format
 from normlab.engine.memory_format import CACHE_FILE, PROBE_STEPS, cache_key, choose_memory_format
-from normlab.engine.trainer import train
+from normlab.train import train
 from normlab.norms import cpu_kernel
 from normlab.records import read_metrics
 

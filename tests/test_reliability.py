@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from normlab.errors import ConfigError, RunFolderBusy
-from normlab.engine.trainer import train
+from normlab.train import train
 from normlab.records import RunDir, read_metrics
 from tests.conftest import REPO, TINY
 

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from normlab.errors import ConfigError
 from normlab.engine.rerun import changed_keys
-from normlab.engine.trainer import train
+from normlab.train import train
 from normlab.norms import NORMS
 from normlab.records import METRIC_KEYS, read_metrics
 from tests.conftest import REPO, TINY, compose_config, read_wandb_records, record_key, run_cli

@@ -23,6 +23,7 @@ from normlab.cache import cache_dir
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.records import atomic_write
+from normlab.settings import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 TEST_SPLITS = ("val", "test")
@@ -87,7 +88,7 @@ class ImageTree:
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def fit(image: Image.Image, size: int) -> Image.Image:
+def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to `size`, then center-crop to size × size."""
     w, h = image.size
     if min(w, h) != size:
@@ -119,44 +120,52 @@ class Selection:
     def num_images(self) -> int:
         return sum(len(self.files(s)[0]) for s in ("train", self.test_split))
 
+    def shape(self) -> DataShape:
+        return DataShape(channels=3, size=self.size, num_classes=len(self.classes),
+                         train_size=len(self.files("train")[0]), test_size=len(self.files(self.test_split)[0]))
 
-def select(cfg) -> Selection:
+    def fits_in(self, max_gb: float) -> bool:
+        """Whether the decoded uint8 images fit in `max_gb` (else they stream through a DataLoader)."""
+        return self.num_images * 3 * self.size ** 2 <= max_gb * 1e9
+
+
+def select(settings: DataConfig) -> Selection:
     """Check the settings against the tree (ConfigError naming the key) and pick classes and size."""
-    if not cfg.root:
+    if not settings.root:
         raise ConfigError("data.root=None is invalid: imagefolder needs data.root, a folder or a .zip "
                           "holding train/<class>/ and val/<class>/ (or test/<class>/)")
-    path = Path(os.path.expanduser(cfg.root))
+    path = Path(os.path.expanduser(settings.root))
     if not path.exists():
-        raise ConfigError(f"data.root={cfg.root!r} does not exist (data.download=false; image folders are never "
+        raise ConfigError(f"data.root={settings.root!r} does not exist (data.download=false; image folders are never "
                           f"downloaded); point data.root at a folder or .zip with train/ and val/ or test/")
     tree = ImageTree(path)
     test_split = next((s for s in TEST_SPLITS if s in tree.splits), None)
     if "train" not in tree.splits or test_split is None:
-        raise ConfigError(f"data.root={cfg.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "
+        raise ConfigError(f"data.root={settings.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "
                           f"val/ or test/, each with one folder of images per class")
     available = sorted(tree.splits["train"])
     unmatched = sorted(set(available) ^ set(tree.splits[test_split]))
     if unmatched:
         only_train = [c for c in unmatched if c in tree.splits["train"]]
         only_test = [c for c in unmatched if c not in tree.splits["train"]]
-        raise ConfigError(f"data.root={cfg.root!r}: every class needs images in train/ and {test_split}/; "
+        raise ConfigError(f"data.root={settings.root!r}: every class needs images in train/ and {test_split}/; "
                           + "; ".join(part for part in (
                               f"only in train/: {only_train[:10]}" if only_train else "",
                               f"only in {test_split}/: {only_test[:10]}" if only_test else "") if part)
                           + " (data.classes can pick classes that have both)")
-    if cfg.classes:
-        missing = [c for c in cfg.classes if c not in available]
+    if settings.classes:
+        missing = [c for c in settings.classes if c not in available]
         if missing:
-            raise ConfigError(f"data.classes has {missing}, not found in {cfg.root}; available: {available[:20]}"
+            raise ConfigError(f"data.classes has {missing}, not found in {settings.root}; available: {available[:20]}"
                               f"{' ...' if len(available) > 20 else ''}")
-        classes = list(cfg.classes)
-    elif cfg.num_classes:
-        if not 1 <= cfg.num_classes <= len(available):
-            raise ConfigError(f"data.num_classes={cfg.num_classes} is invalid: {cfg.root} has {len(available)} classes")
-        classes = sorted(random.Random(cfg.class_seed).sample(available, cfg.num_classes))
+        classes = list(settings.classes)
+    elif settings.num_classes:
+        if not 1 <= settings.num_classes <= len(available):
+            raise ConfigError(f"data.num_classes={settings.num_classes} is invalid: {settings.root} has {len(available)} classes")
+        classes = sorted(random.Random(settings.class_seed).sample(available, settings.num_classes))
     else:
         classes = available
-    size = cfg.image_size
+    size = settings.image_size
     if size is None:
         first = tree.splits["train"][classes[0]][0]
         size = min(tree.open_image(first).size)
@@ -169,13 +178,13 @@ def decode(selection: Selection, split: str) -> tuple[torch.Tensor, torch.Tensor
     names, labels = selection.files(split)
     images = torch.empty(len(names), 3, selection.size, selection.size, dtype=torch.uint8)
     for i, name in enumerate(names):
-        array = torch.frombuffer(bytearray(fit(selection.tree.open_image(name), selection.size).tobytes()),
+        array = torch.frombuffer(bytearray(resize_and_center_crop(selection.tree.open_image(name), selection.size).tobytes()),
                                  dtype=torch.uint8)
         images[i] = array.view(selection.size, selection.size, 3).permute(2, 0, 1)
     return images, torch.tensor(labels, dtype=torch.long)
 
 
-def cache_path(cfg, selection: Selection) -> Path:
+def cache_path(settings: DataConfig, selection: Selection) -> Path:
     """Keyed by the source and every selected file: a zip by its size and mtime, a folder by each file's."""
     tree = selection.tree
     stat = tree.path.stat()
@@ -186,25 +195,19 @@ def cache_path(cfg, selection: Selection) -> Path:
                                      for n in names).encode()).hexdigest()
     key = f"{tree.path.resolve()}|{files}|{selection.size}|{selection.classes}"
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    root = Path(os.path.expanduser(cfg.cache_dir)) if cfg.cache_dir else cache_dir()
+    root = Path(os.path.expanduser(settings.cache_dir)) if settings.cache_dir else cache_dir()
     return root / f"imagefolder-{selection.tree.path.stem}-{selection.size}px-{digest}.pt"
 
 
 class ImageFolderSource:
-    def describe(self, cfg) -> DataShape:
-        selection = select(cfg)
-        return DataShape(channels=3, size=selection.size, num_classes=len(selection.classes),
-                         train_size=len(selection.files("train")[0]),
-                         test_size=len(selection.files(selection.test_split)[0]))
+    def describe(self, settings: DataConfig) -> DataShape:
+        return select(settings).shape()
 
-    def fits_in_memory(self, cfg) -> bool:
-        selection = select(cfg)
-        return selection.num_images * 3 * selection.size ** 2 <= cfg.in_memory_max_gb * 1e9
-
-    def load(self, cfg) -> ImageSet:
-        """Decode every selected image once; later runs read the uint8 cache."""
-        selection = select(cfg)
-        path = cache_path(cfg, selection)
+    def load(self, settings: DataConfig, selection: Selection | None = None) -> ImageSet:
+        """Decode every selected image once (`selection`: the files resolved already); later runs read the
+        uint8 cache."""
+        selection = selection or select(settings)
+        path = cache_path(settings, selection)
         if path.exists():
             try:  # tensors and a list of names only: a planted or damaged cache runs nothing, and is redone
                 return ImageSet(**torch.load(path, weights_only=True))

@@ -16,6 +16,7 @@ import torch
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.data.imagefolder import ImageFolderSource
 from normlab.errors import ConfigError
+from normlab.settings import DataConfig
 
 
 def from_hwc(images: np.ndarray) -> torch.Tensor:
@@ -31,10 +32,10 @@ class Digits:
 
     test_fraction, split_seed = 0.2, 0
 
-    def describe(self, cfg) -> DataShape:
+    def describe(self, settings: DataConfig) -> DataShape:
         return DataShape(channels=1, size=8, num_classes=10, train_size=1437, test_size=360)
 
-    def load(self, cfg) -> ImageSet:
+    def load(self, settings: DataConfig) -> ImageSet:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
@@ -53,23 +54,23 @@ class Cifar:
         self.num_classes = num_classes
         self.folder = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
 
-    def describe(self, cfg) -> DataShape:
-        root = Path(os.path.expanduser(cfg.root or "data"))
-        if not cfg.download and not (root / self.folder).is_dir():
+    def describe(self, settings: DataConfig) -> DataShape:
+        root = Path(os.path.expanduser(settings.root or "data"))
+        if not settings.download and not (root / self.folder).is_dir():
             raise ConfigError(
                 f"data.root={str(root)!r} does not hold CIFAR-{self.num_classes} (no {self.folder}/ in it) "
                 f"and data.download=false; set data.download=true, or point data.root at a folder that holds it"
             )
         return DataShape(channels=3, size=32, num_classes=self.num_classes, train_size=50_000, test_size=10_000)
 
-    def load(self, cfg) -> ImageSet:
+    def load(self, settings: DataConfig) -> ImageSet:
         from torchvision import datasets
 
         cls = datasets.CIFAR10 if self.num_classes == 10 else datasets.CIFAR100
-        root = os.path.expanduser(cfg.root or "data")
+        root = os.path.expanduser(settings.root or "data")
         try:  # torchvision checks each file's md5 before it unpickles anything: a planted file never loads
-            train = cls(root, train=True, download=cfg.download)
-            test = cls(root, train=False, download=cfg.download)
+            train = cls(root, train=True, download=settings.download)
+            test = cls(root, train=False, download=settings.download)
         except RuntimeError as e:
             raise ConfigError(f"data.root={root!r}: torchvision's CIFAR-{self.num_classes} files there do not pass "
                               f"its checksums ({e}); delete them and set data.download=true") from None
@@ -80,21 +81,21 @@ class Cifar:
 class Synthetic:
     """Seeded random images and labels of any shape, for tests and benchmarks."""
 
-    def describe(self, cfg) -> DataShape:
+    def describe(self, settings: DataConfig) -> DataShape:
         for key in ("num_train", "num_test", "channels", "size"):
-            if cfg[key] < 1:
-                raise ConfigError(f"data.{key}={cfg[key]} is invalid: must be >= 1")
-        return DataShape(channels=cfg.channels, size=cfg.size, num_classes=cfg.num_classes or 10,
-                         train_size=cfg.num_train, test_size=cfg.num_test)
+            if getattr(settings, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(settings, key)} is invalid: must be >= 1")
+        return DataShape(channels=settings.channels, size=settings.size, num_classes=settings.num_classes or 10,
+                         train_size=settings.num_train, test_size=settings.num_test)
 
-    def load(self, cfg) -> ImageSet:
-        shape = self.describe(cfg)
+    def load(self, settings: DataConfig) -> ImageSet:
+        shape = self.describe(settings)
         g = torch.Generator().manual_seed(1234)
-        n = cfg.num_train + cfg.num_test
+        n = settings.num_train + settings.num_test
         images = torch.randint(0, 256, (n, shape.channels, shape.size, shape.size), generator=g, dtype=torch.uint8)
         labels = torch.randint(0, shape.num_classes, (n,), generator=g)
-        return ImageSet(images[: cfg.num_train], labels[: cfg.num_train], images[cfg.num_train:],
-                        labels[cfg.num_train:], [str(c) for c in range(shape.num_classes)])
+        return ImageSet(images[: settings.num_train], labels[: settings.num_train], images[settings.num_train:],
+                        labels[settings.num_train:], [str(c) for c in range(shape.num_classes)])
 
 
 SOURCES = {

@@ -12,7 +12,7 @@ import atexit
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -133,18 +133,18 @@ def broadcast(value: T) -> T:
     return box[0]
 
 
-def on_main(decide: Callable[[], T]) -> T:
-    """`decide()` run on rank 0 alone, its result on every rank. Whatever it raises is raised on every rank too
+def on_main(compute: Callable[[], T]) -> T:
+    """`compute()` run on rank 0 alone, its result on every rank. Whatever it raises is raised on every rank too
     (a ConfigError as itself, anything else as a RuntimeError naming it), so no rank is left waiting."""
     if current().size == 1:
-        return decide()
+        return compute()
     if not current().main:
         kind, payload = broadcast(None)
         if kind == "error":
             raise payload
         return payload
     try:
-        value = decide()
+        value = compute()
     except BaseException as e:
         told = e if isinstance(e, ConfigError) else RuntimeError(f"rank 0 failed: {type(e).__name__}: {e}")
         broadcast(("error", told))

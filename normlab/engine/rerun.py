@@ -7,13 +7,17 @@ this job's: that is refused, naming the keys that changed.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
 
-from normlab.config import schema_defaults
 from normlab.errors import ConfigError
 from normlab.records import RunDir, read_metrics
+from normlab.run_spec import RunSpec
+from normlab.settings import schema_defaults
+
+log = logging.getLogger("normlab")
 
 # Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
 # The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
@@ -50,13 +54,38 @@ def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> li
     return changes
 
 
-def job_changes(cfg: DictConfig, records: RunDir) -> list[tuple[str, Any, Any]]:
-    """How `cfg` differs from the finished or checkpointed run in `records` (nothing there: no change)."""
+def job_changes(spec: RunSpec, records: RunDir) -> list[tuple[str, Any, Any]]:
+    """How `spec`'s config differs from the finished or checkpointed run in `records` (nothing there: no change).
+
+    config.yaml is read as plain YAML (``safe_load``: data only), as normlab wrote it: resolved, with the fixed
+    sets of words as their words, as the spec's record holds them too."""
     if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()
                                            or records.previous_checkpoint.exists() or read_metrics(records.metrics)):
         return []
-    saved = OmegaConf.to_container(OmegaConf.load(records.config), resolve=True)
-    return changed_keys(saved, OmegaConf.to_container(cfg, resolve=True), schema_defaults(cfg.norm.name))
+    saved = yaml.safe_load(records.config.read_text())  # a mapping: RunDir.unreadable() was asked first
+    return changed_keys(saved, spec.recorded_config, schema_defaults(spec.norm.name))
+
+
+def job_is_done(spec: RunSpec, records: RunDir) -> bool:
+    """Whether this job is done in `records` (its summary is final: skip it). Refuses (ConfigError) a folder that
+    holds another config's run, or records that cannot be read; trainer.force=true starts the folder over,
+    whatever it holds (its records are deleted here)."""
+    if spec.length.force:
+        for path in (records.summary, records.metrics, records.checkpoint, records.previous_checkpoint):
+            path.unlink(missing_ok=True)
+        return False
+    unreadable = records.unreadable()
+    if unreadable:
+        raise ConfigError(f"{records.path} holds records that cannot be read: {', '.join(unreadable)}; the "
+                          "folder is treated as occupied, not empty. trainer.force=true discards what it holds")
+    changes = job_changes(spec, records)
+    if changes:
+        refuse_another_job(records, changes)
+    if records.is_final():
+        log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
+                 records.read_summary()["status"])
+        return True
+    return False
 
 
 def refuse_another_job(records: RunDir, changes: list[tuple[str, Any, Any]]) -> None:

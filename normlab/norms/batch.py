@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from normlab.norms import cpu_kernel
