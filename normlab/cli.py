@@ -16,6 +16,7 @@ from normlab.analysis.collect import collect
 from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.report import build_report
 from normlab.analysis.tables import DEFAULT_METRIC
+from normlab.records import WRITE_FAILED_EXIT, WriteFailed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,8 +54,13 @@ def main(argv=None) -> int:
     if runs.empty:
         print(f"normlab-report: no runs found under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
-    written = build_report(runs, args.out, args.metric, sources=[str(p) for p in args.paths] +
-                           ([f"wandb:{args.wandb}"] if args.wandb else []))
+    try:
+        written = build_report(runs, args.out, args.metric, sources=[str(p) for p in args.paths] +
+                               ([f"wandb:{args.wandb}"] if args.wandb else []))
+    except OSError as e:  # a full disk, a read-only --out: one line, the runs read are untouched
+        failed = e if isinstance(e, WriteFailed) else WriteFailed(e.filename or args.out, e, "pass another --out")
+        print(f"normlab-report: error: {failed}", file=sys.stderr)
+        return WRITE_FAILED_EXIT
     counts = runs["status"].fillna("unknown").value_counts().to_dict()
     print(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}) → {args.out}")
     for path in sorted({p for files in written.values() for p in files}):

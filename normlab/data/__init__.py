@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from normlab import memory
 from normlab.data.device_loader import DeviceLoader, Normalize
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape
@@ -27,6 +28,8 @@ class Loaders:
 def describe(cfg) -> DataShape:
     """The source's shape, with the sizes after ``data.train_subset``/``test_subset``; checks those sizes."""
     shape = source(cfg.name).describe(cfg)
+    if cfg.name != "imagefolder" or source(cfg.name).fits_in_memory(cfg):
+        memory.check_in_memory_set(cfg, shape)  # the whole set is loaded before any subset is taken
     for split in ("train", "test"):
         size = cfg[f"{split}_subset"]
         if size is None:
@@ -56,6 +59,7 @@ def build(cfg, batch_size: int, device: torch.device, *, seed: int, channels_las
     (rank, ranks): this rank's part of each (see DeviceLoader)."""
     src = source(cfg.name)
     shape = describe(cfg)
+    memory.check_on_device(shape, batch_size, device)
     padding = cfg.crop_padding if cfg.crop_padding is not None else max(1, shape.size // 8)
     if cfg.name == "imagefolder" and not src.fits_in_memory(cfg):
         return _streamed(cfg, batch_size, device, seed, channels_last, shape, shard)

@@ -32,7 +32,7 @@ from normlab.config import model_options, norm_options
 from normlab.errors import ConfigError
 from normlab.validation import host_synced_norm, validate
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
-from normlab.engine import bn_eval, dist
+from normlab.engine import bn_eval, dist, preemption
 from normlab.engine.loop import train_epoch
 from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choose_memory_format
 from normlab.engine.step import CudaGraphStep, TrainStep, compile_model
@@ -44,7 +44,7 @@ from normlab.models import build_model
 from normlab.norms import cpu_kernel, norm_spec
 from normlab.norms.batch import SyncBatchNorm2d
 from normlab.protocol import effective, identity
-from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
+from normlab.records import RunDir, append_metrics, atomic_write, write_metrics
 from normlab.switches import resolve_switch, switch
 
 log = logging.getLogger("normlab")
@@ -324,13 +324,13 @@ def run(cfg: DictConfig, records: RunDir, world: dist.World = dist.World()) -> d
                  f" · {world.size} processes ({extra['backend']}), W/{world.size} workers each" if world.size > 1 else "")
         status, wall_time = run_epochs(cfg, records, rt, job, rows, start_epoch, wall_time, logger, extra)
     except BaseException as e:
-        status = "failed"
+        status = "preempted" if isinstance(e, preemption.Preempted) else "failed"
         extra["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:  # every ending, a failure too, leaves its summary and closes the W&B run
         summary = summarize(cfg, rows, status, wall_time, extra)
         if world.main:
-            write_json(records.summary, summary)
+            records.write_summary(summary)
         logger.log_summary(summary)
         logger.finish(exit_code=int(status == "failed"))
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
@@ -384,6 +384,7 @@ def run_epochs(cfg: DictConfig, records: RunDir, rt: Runtime, job: Job, rows: li
         train_metrics, epoch_time = train_epoch(
             job.step, job.loaders.train.epoch(epoch), job.schedule,
             progress=bar.epoch(epoch, cfg.trainer.epochs, job.steps, eff.total_batch))
+        preemption.stop_if_requested()  # a stopped epoch is redone on resume, from the last checkpoint
         wall_time += epoch_time
         dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
