@@ -62,7 +62,7 @@ class WriteFailed(OSError):
         remedy = _WHAT_TO_DO.get(cause.errno, "check the file system that holds {folder}").format(
             folder=self.path.parent)
         super().__init__(f"cannot write {self.path}: {reason}{f' ({code})' if code else ''}. What it held before is "
-                         f"unchanged. To go on, {remedy}, or {elsewhere}; then rerun (the job resumes)")
+                         f"unchanged. To go on, {remedy}, or {elsewhere}; then rerun")
 
 
 class _Recording:

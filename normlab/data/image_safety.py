@@ -9,8 +9,6 @@ data whose images really are that large. The header is read first: a refused ima
 from __future__ import annotations
 
 import io
-import warnings
-import zipfile
 
 from PIL import Image, UnidentifiedImageError
 
@@ -33,21 +31,32 @@ def check_file_size(size: int, name: str, where: str, max_pixels: int) -> None:
                          max_pixels)
 
 
+def _header(data: bytes) -> Image.Image:
+    """The image opened, its header read and nothing decoded; PIL's own bomb check is the one in open_rgb."""
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(io.BytesIO(data))
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
+
+
 def open_rgb(data: bytes, name: str, where: str, max_pixels: int) -> Image.Image:
     """The image in `data` as RGB, once its header's size is within `max_pixels`; else a ConfigError naming it."""
-    Image.MAX_IMAGE_PIXELS = max(max_pixels, 1)  # PIL's own bomb check follows the configured limit
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below says it plainly
-            image = Image.open(io.BytesIO(data))  # the header only
-        width, height = image.size
-        if width * height > max_pixels:
-            raise _too_large(name, where, f"is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels)",
-                             max_pixels)
+        image = _header(data)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise _unreadable(name, where, e) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise _too_large(name, where, f"is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels)",
+                         max_pixels)
+    try:
         return image.convert("RGB")
-    except Image.DecompressionBombError as e:  # PIL found it first (a frame larger than the header said)
-        raise _too_large(name, where, f"is a decompression bomb ({e})", max_pixels) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ConfigError(f"{name!r} in {where} is not a readable image ({type(e).__name__}: {reason}); "
-                          "remove it or replace it with a whole image") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated, damaged
+        raise _unreadable(name, where, e) from None
+
+
+def _unreadable(name: str, where: str, error: Exception) -> ConfigError:
+    reason = str(error).splitlines()[0] if str(error) else ""
+    return ConfigError(f"{name!r} in {where} is not a readable image ({type(error).__name__}: {reason}); "
+                       "remove it or replace it with a whole image")
