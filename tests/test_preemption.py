@@ -80,8 +80,9 @@ def test_a_signal_mid_run_records_preempted_exits_128_plus_it_and_the_rerun_ends
 
 EARLIER_HANDLER = """
 import signal, sys
+marker = sys.argv[1]
 def earlier(signum, frame):
-    open(sys.argv[1], "w").write(signal.Signals(signum).name)
+    open(marker, "w").write(signal.Signals(signum).name)
 signal.signal(signal.SIGUSR2, earlier)
 sys.argv = ["normlab-train", *sys.argv[2:]]
 from normlab.train import cli
