@@ -237,6 +237,18 @@ def test_hostile_images_are_refused_by_member_and_archive_before_decoding(tmp_pa
     assert read_metrics(run / "metrics.jsonl") == []  # refused while the data loaded: no epoch ran
 
 
+def test_a_bomb_in_a_streamed_folder_is_refused_in_the_loaders_words_not_the_workers_traceback(tmp_path):
+    tree = tmp_path / "tree"
+    write_image_tree(tree)
+    member = sorted((tree / "val").rglob("*.png"))[0]  # every test image is read (training drops a partial batch)
+    member.write_bytes(png_claiming(40_000, 40_000))
+    result = run_cli("data=imagefolder", f"data.root={tree}", "data.image_size=8", "data.in_memory_max_gb=0",
+                     "data.loader_workers=1", "model=resnet8", "batch.per_worker=2", "batch.workers=2",
+                     "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_message(result, f"'{member.relative_to(tree).as_posix()}' in data.root='{tree}' is 40000×40000 "
+                       "pixels", "data.max_image_pixels", code=2)
+
+
 # ---------------------------------------------------------------- sizes checked before allocating
 
 def test_a_synthetic_set_too_large_for_memory_is_refused_with_its_size(tmp_path):

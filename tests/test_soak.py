@@ -77,10 +77,19 @@ LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_
 
 
 def soak_sweep(sweep_dir: Path, launcher: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "normlab.train", "-m", *SOAK_JOB, *LAUNCHERS[launcher],
-               f"seed=range(0,{SOAK_JOBS})", f"hydra.sweep.dir={sweep_dir}"]
+    """The sweep over the jobs not yet done (as a rerun script would start it; its folders are the same).
+    Without the progress callback, whose check of every job up front would cost more than the jobs here."""
+    done = {json.loads(text)["seed"] for text in done_summaries(sweep_dir).values()}
+    seeds = ",".join(str(seed) for seed in range(SOAK_JOBS) if seed not in done) or "0"
+    command = [sys.executable, "-m", "normlab.train", "-m", *SOAK_JOB, *LAUNCHERS[launcher], f"seed={seeds}",
+               f"hydra.sweep.dir={sweep_dir}", "~hydra.callbacks.sweep_progress"]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def epochs_written(sweep_dir: Path) -> int:
+    """Lines in all the sweep's metrics files: it grows while the sweep trains."""
+    return sum(len(path.read_bytes().splitlines()) for path in sweep_dir.glob("*/metrics.jsonl"))
 
 
 def done_summaries(sweep_dir: Path) -> dict[Path, bytes]:
@@ -111,11 +120,14 @@ def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_e
                 assert first_seen.setdefault(path, text) == text, f"{path} was rewritten"
 
     for _ in range(SOAK_KILLS):
-        time.sleep(rng.uniform(1.0, 5.0))
-        keep_summaries()
         launcher = rng.choice(sorted(procs))
+        proc, rows = procs[launcher], epochs_written(dirs[launcher])
+        deadline = time.time() + 120
+        while proc.poll() is None and epochs_written(dirs[launcher]) <= rows and time.time() < deadline:
+            time.sleep(0.1)  # until the sweep has trained (not while Python starts)
+        time.sleep(rng.uniform(0.0, 2.0))  # then at a random moment: in a step, a checkpoint, between jobs
+        keep_summaries()
         name = rng.choice(sorted(kills)) if min(kills.values()) < SOAK_KILLS // 3 else "SIGKILL"
-        proc = procs[launcher]
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, getattr(signal, name))
