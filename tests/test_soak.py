@@ -104,9 +104,9 @@ def done_summaries(sweep_dir: Path) -> dict[Path, bytes]:
 
 
 def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_each_job_once(tmp_path):
-    """A basic and a joblib sweep of 100 jobs each, side by side; 30 times, one of them (at random) is sent SIGKILL
-    or SIGTERM (at random, both at least 10 times) in its whole process group and started again; then both are
-    rerun until they exit 0. Every job is done once, no epoch twice, no done summary ever changes, and
+    """A basic and a joblib sweep of 100 jobs each, side by side; 30 times, one of them that has jobs left (at
+    random, once it trains) is sent SIGKILL or SIGTERM (at random) in its whole process group and started again;
+    then both are rerun until they exit 0. Every job is done once, no epoch twice, no done summary ever changes, and
     normlab-report counts 200 runs, all done."""
     rng, started = random.Random(24), time.time()
     dirs = {launcher: tmp_path / launcher for launcher in LAUNCHERS}
@@ -119,15 +119,17 @@ def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_e
             for path, text in done_summaries(folder).items():
                 assert first_seen.setdefault(path, text) == text, f"{path} was rewritten"
 
-    for _ in range(SOAK_KILLS):
-        launcher = rng.choice(sorted(procs))
+    while sum(kills.values()) < SOAK_KILLS:
+        unfinished = sorted(launcher for launcher in procs if len(done_summaries(dirs[launcher])) < SOAK_JOBS)
+        assert unfinished, f"every job was done after only {kills} kills"
+        launcher = rng.choice(unfinished)
         proc, rows = procs[launcher], epochs_written(dirs[launcher])
         deadline = time.time() + 120
         while proc.poll() is None and epochs_written(dirs[launcher]) <= rows and time.time() < deadline:
             time.sleep(0.1)  # until the sweep has trained (not while Python starts)
-        time.sleep(rng.uniform(0.0, 2.0))  # then at a random moment: in a step, a checkpoint, between jobs
+        time.sleep(rng.uniform(0.0, 1.0))  # then at a random moment: in a step, a checkpoint, between jobs
         keep_summaries()
-        name = rng.choice(sorted(kills)) if min(kills.values()) < SOAK_KILLS // 3 else "SIGKILL"
+        name = rng.choice(sorted(kills))
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, getattr(signal, name))
@@ -154,6 +156,6 @@ def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_e
                              str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-2000:]
     assert f"{2 * SOAK_JOBS} runs ({2 * SOAK_JOBS} done)" in report.stdout, report.stdout
-    assert sum(kills.values()) >= SOAK_KILLS - 2 and min(kills.values()) >= 5, kills
+    assert min(kills.values()) >= SOAK_KILLS // 4, kills  # both signals, many times
     print(f"\nsoak: {2 * SOAK_JOBS} jobs, kills {kills}, sweep restarts {reruns}, "
           f"{(time.time() - started) / 60:.1f} minutes")
