@@ -20,6 +20,7 @@ from normlab.analysis.collect import collect
 from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.reading import ReadingError, choose, find_reading
 from normlab.analysis.report import build_report
+from normlab.records import WRITE_FAILED_EXIT, WriteFailed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,8 +64,13 @@ def main(argv=None) -> int:
         print(f"normlab-report: no runs found under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
     chosen = choose(runs, args.metric, reading, reading_path)
-    written = build_report(runs, args.out, sources=[str(p) for p in args.paths] +
-                           ([f"wandb:{args.wandb}"] if args.wandb else []), reading=chosen)
+    try:
+        written = build_report(runs, args.out, sources=[str(p) for p in args.paths] +
+                               ([f"wandb:{args.wandb}"] if args.wandb else []), reading=chosen)
+    except OSError as e:  # a full disk, a read-only --out: one line, the runs read are untouched
+        failed = e if isinstance(e, WriteFailed) else WriteFailed(e.filename or args.out, e, "pass another --out")
+        print(f"normlab-report: error: {failed}", file=sys.stderr)
+        return WRITE_FAILED_EXIT
     counts = runs["status"].fillna("unknown").value_counts().to_dict()
     print(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}) → {args.out}")
     print(f"  metric: {chosen.metric} ({chosen.chosen_by})" + (f"; beware: {chosen.caveat}" if chosen.caveat else ""))

@@ -9,18 +9,23 @@
   checkpoint.prev.pt  the one before, kept in case the latest is damaged
   .lock            held (an OS advisory lock) by the one process working in the folder
 ```
-Every file that a reader may see half-written is written to a temporary file and renamed.
+Every file that a reader may see half-written is written to a temporary file and renamed. A write that fails
+(no space, no permission, a read-only file system, a quota) raises ``WriteFailed``, whose message names the file,
+the cause and what to do, and leaves the file as it was: the temporary file is removed, an append is cut back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,21 +38,74 @@ from normlab.errors import RunFolderBusy
 CONFIG, METRICS, SUMMARY, CHECKPOINT = "config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"
 PREVIOUS_CHECKPOINT, LOCK = "checkpoint.prev.pt", ".lock"
 METRIC_KEYS = ("epoch", "train_loss", "train_error", "val_loss", "val_error", "lr", "images_per_sec", "epoch_time_s")
-FINAL_STATUSES = ("done", "diverged")  # "failed" runs resume from their checkpoint when rerun
+FINAL_STATUSES = ("done", "diverged")  # "failed" and "preempted" runs resume from their checkpoint when rerun
+WRITE_FAILED_EXIT = 74  # sysexits.h EX_IOERR: the exit code of a job or report whose write failed (bad input: 2)
+RUN_FOLDER_ELSEWHERE = "give the job another hydra.run.dir (hydra.sweep.dir in a sweep)"
+
+_WHAT_TO_DO = {
+    errno.ENOSPC: "free space on the file system that holds {folder}",
+    errno.EDQUOT: "free space in your quota on the file system that holds {folder}",
+    errno.EROFS: "{folder} is on a read-only file system: remount it read-write",
+    errno.EACCES: "this user may not write in {folder}: fix its permissions",
+    errno.EPERM: "this user may not write in {folder}: fix its permissions",
+}
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path`."""
+class WriteFailed(OSError):
+    """A file could not be written. What the file held before is unchanged; the message says what to do.
+    An OSError, so that a caller to whom a write is optional (a cache) may still pass over it."""
+
+    def __init__(self, path: str | os.PathLike, cause: OSError, elsewhere: str = RUN_FOLDER_ELSEWHERE) -> None:
+        self.path, self.cause = Path(path), cause
+        code = errno.errorcode.get(cause.errno, "") if cause.errno else ""
+        reason = cause.strerror or str(cause)
+        remedy = _WHAT_TO_DO.get(cause.errno, "check the file system that holds {folder}").format(
+            folder=self.path.parent)
+        super().__init__(f"cannot write {self.path}: {reason}{f' ({code})' if code else ''}. What it held before is "
+                         f"unchanged. To go on, {remedy}, or {elsewhere}; then rerun")
+
+
+class _Recording:
+    """A file that remembers the OSError a write raised: torch.save reports a failed write as a RuntimeError."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, keep_previous: Path | None = None,
+                 elsewhere: str = RUN_FOLDER_ELSEWHERE) -> None:
+    """Write through `write(file)` to a temporary file beside `path`, then rename it over `path` (the file it
+    replaces renamed to `keep_previous` first, if given). A failed write raises WriteFailed, `path` unchanged."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteFailed(path, e, elsewhere) from None
+    recording = None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            recording = _Recording(f)
+            write(recording)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else getattr(recording, "error", None)
+        if cause is not None:
+            raise WriteFailed(path, cause, elsewhere) from None
         raise
 
 
@@ -96,8 +154,22 @@ def write_metrics(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
 
 
 def append_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(_metrics_line(row))
+    """One line at the end; a write that fails is cut back off (WriteFailed), leaving the file as it was."""
+    data = _metrics_line(row).encode()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WriteFailed(path, e) from None
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise WriteFailed(path, e) from None
+    finally:
+        os.close(fd)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -136,8 +208,11 @@ class RunDir:
         An OS advisory lock (flock) on ``.lock``: the OS releases it when the process ends, however it
         ends, so a killed job never leaves a stale lock. The file names the holder, for the message.
         """
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WriteFailed(self.lock, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -146,12 +221,24 @@ class RunDir:
             raise RunFolderBusy(f"{self.path} is in use by another normlab job ({holder}); nothing was changed. "
                                 "Wait for it to end, or give this job another hydra.run.dir") from None
         try:
-            os.ftruncate(fd, 0)
             started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-            os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode())
+            with contextlib.suppress(OSError):  # only a note for the busy message; a full disk stops the job later
+                os.ftruncate(fd, 0)
+                os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}, started {started}\n".encode())
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write summary.json. Called while an error is already on its way out (a full disk), a failed write
+        is logged and the first error goes on: it is the one that says what happened."""
+        pending = sys.exc_info()[1]
+        try:
+            write_json(self.summary, summary)
+        except WriteFailed as e:
+            if pending is None:
+                raise
+            logging.getLogger("normlab").error("%s", e)
 
     def read_summary(self) -> dict[str, Any] | None:
         return read_json(self.summary)

@@ -90,6 +90,7 @@ class DataConfig:
     crop_padding: Optional[int] = None  # default: size/8 (4 for 32×32, 1 for 8×8)
     flip: bool = True  # horizontal flips in the augmentation (off for digits: they are not mirror-symmetric)
     in_memory_max_gb: float = 4.0  # imagefolder: larger decoded sets stream through a DataLoader
+    max_image_pixels: int = 40_000_000  # imagefolder: larger images (by their header) are refused before decoding
     loader_workers: int = 4  # DataLoader workers for streamed image folders
     cache_dir: Optional[str] = None  # where decoded uint8 arrays are cached (default $NORMLAB_CACHE or ~/.cache/normlab)
     eval_batch: int = 512

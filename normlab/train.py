@@ -29,11 +29,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab import search_path
+from normlab import run_folder, search_path
 from normlab.machine_share import MachineShare, share_machine
 from normlab.config import register_configs
-from normlab.engine import dist
+from normlab.engine import dist, preemption
 from normlab.errors import ConfigError, RunFolderBusy
+from normlab.records import WRITE_FAILED_EXIT, WriteFailed
 from normlab.validation import resolve_run, validate
 
 log = logging.getLogger("normlab")
@@ -90,9 +91,13 @@ def main(cfg: DictConfig) -> str:
     """One job. Returns its outcome for the sweep's callbacks: the summary's status, "skipped" (already
     done), "invalid", "busy" (another process holds its folder) or "failed" (a multirun goes on past all three)."""
     run_dir = HydraConfig.get().runtime.output_dir
-    try:  # parallel jobs: a CPU-threads budget each, a GPU each
-        with share_machine(cfg.trainer.threads, cfg.trainer.device) as share:
+    try:  # parallel jobs: a CPU-threads budget each, a GPU each; SIGTERM/USR1/USR2: stop after the step
+        with (share_machine(cfg.trainer.threads, cfg.trainer.device) as share,
+              preemption.deferred(dist.launched() is None)):
             summary = train(cfg, run_dir, share)  # validates first: ConfigError before anything is read
+    except preemption.Preempted as e:  # recorded as preempted, folder released: now the handler before ours
+        log.warning("%s after a whole epoch's checkpoint; rerun the same command to resume", e)
+        preemption.hand_on(e.signum)
     except ConfigError as e:  # RunFolderBusy too: another process has the folder
         if in_multirun():
             busy = isinstance(e, RunFolderBusy)
@@ -101,11 +106,19 @@ def main(cfg: DictConfig) -> str:
         if dist.launched_rank() == 0:  # every rank stops alike; rank 0 says why
             print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WriteFailed as e:  # a full disk, a read-only file system: what was written before stays
+        if in_multirun():
+            log.error("job failed, the sweep goes on: %s", e)
+            return "failed"
+        print(f"normlab-train: error: {e}", file=sys.stderr)
+        sys.exit(WRITE_FAILED_EXIT)
     except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()
         if not in_multirun():
             raise
         log.exception("job failed, the sweep goes on: %s", e)
         return "failed"
+    if (signum := preemption.was_signalled()) is not None:  # it came after the last epoch: the job is done
+        preemption.hand_on(signum)
     return "skipped" if summary is None else summary["status"]
 
 
@@ -113,10 +126,15 @@ def cli() -> None:
     """``normlab-train``: the app, with Hydra's own errors (an unknown option, a wrong type, a misspelt key)
     as one line and exit code 2, like normlab's."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing; said here once, plainly
+    logging.raiseExceptions = False  # a log file on a full disk: normlab's own message says so, not a traceback
     if dist.launched_rank() > 0:  # under torchrun, rank 0 alone writes Hydra's files and the log
         quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
                  if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
         sys.argv += ["hydra.output_subdir=null", *quiet]
+    refusal = run_folder.check(sys.argv[1:])  # before Hydra makes the folder and writes into it
+    if refusal is not None:
+        print(f"normlab-train: error: {refusal}", file=sys.stderr)
+        sys.exit(2)
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:

@@ -1,10 +1,12 @@
-"""Soak tests (slow): a sweep of many tiny jobs killed with SIGKILL again and again, then rerun; two sweeps at once.
+"""Soak tests (slow): a sweep of many tiny jobs killed with SIGKILL again and again, then rerun; two sweeps at once;
+and the soak at scale: 200 jobs in a basic and a joblib sweep side by side, 30 random SIGKILLs and SIGTERMs.
 
 Afterwards every job is done, its metrics hold each epoch exactly once, and its summary agrees with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -34,15 +36,15 @@ def start(sweep_dir: Path, jobs: int) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def assert_every_job_done_once(sweep_dir: Path, jobs: int) -> None:
+def assert_every_job_done_once(sweep_dir: Path, jobs: int, epochs: int = EPOCHS) -> None:
     folders = [p.parent for p in sweep_dir.rglob("config.yaml") if ".hydra" not in p.parts]
     assert len(folders) == jobs
     for folder in folders:
         summary = json.loads((folder / "summary.json").read_text())
-        epochs = [row["epoch"] for row in read_metrics(folder / "metrics.jsonl")]
+        rows = [row["epoch"] for row in read_metrics(folder / "metrics.jsonl")]
         assert summary["status"] == "done", folder
-        assert epochs == list(range(1, EPOCHS + 1)), (folder, epochs)  # none missing, none twice
-        assert summary["epochs"] == len(epochs)
+        assert rows == list(range(1, epochs + 1)), (folder, rows)  # none missing, none twice
+        assert summary["epochs"] == len(rows)
 
 
 def test_a_sweep_killed_at_random_moments_finishes_every_job_exactly_once(tmp_path):
@@ -62,3 +64,98 @@ def test_two_sweeps_into_one_folder_split_the_jobs_and_never_double_one(tmp_path
     first, second = start(tmp_path, jobs), start(tmp_path, jobs)
     assert first.wait(timeout=1800) == 0 and second.wait(timeout=1800) == 0
     assert_every_job_done_once(tmp_path, jobs)  # a job one sweep skipped as busy, the other one finished
+
+
+# ---------------------------------------------------------------- the soak at scale
+
+SOAK_JOBS = 100  # per sweep: two sweeps, 200 jobs
+SOAK_KILLS = 30
+SOAK_JOB = ["data=synthetic", "data.num_train=16", "data.num_test=16", "data.size=8", "model=resnet8", "model.width=8",
+            "batch.per_worker=4", "batch.workers=2", "trainer.epochs=2", "trainer.progress=false", "trainer.threads=1",
+            "trainer.channels_last=false"]
+LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]}
+
+
+def soak_sweep(sweep_dir: Path, launcher: str) -> subprocess.Popen:
+    """The sweep over the jobs not yet done (as a rerun script would start it; its folders are the same).
+    Without the progress callback, whose check of every job up front would cost more than the jobs here."""
+    done = {json.loads(text)["seed"] for text in done_summaries(sweep_dir).values()}
+    seeds = ",".join(str(seed) for seed in range(SOAK_JOBS) if seed not in done) or "0"
+    command = [sys.executable, "-m", "normlab.train", "-m", *SOAK_JOB, *LAUNCHERS[launcher], f"seed={seeds}",
+               f"hydra.sweep.dir={sweep_dir}", "~hydra.callbacks.sweep_progress"]
+    return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def epochs_written(sweep_dir: Path) -> int:
+    """Lines in all the sweep's metrics files: it grows while the sweep trains."""
+    return sum(len(path.read_bytes().splitlines()) for path in sweep_dir.glob("*/metrics.jsonl"))
+
+
+def done_summaries(sweep_dir: Path) -> dict[Path, bytes]:
+    """The summary.json bytes of every job that is done."""
+    found = {}
+    for path in sweep_dir.glob("*/summary.json"):
+        text = path.read_bytes()
+        with contextlib.suppress(ValueError):
+            if json.loads(text).get("status") == "done":
+                found[path] = text
+    return found
+
+
+def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_each_job_once(tmp_path):
+    """A basic and a joblib sweep of 100 jobs each, side by side; 30 times, one of them that has jobs left (at
+    random, once it trains) is sent SIGKILL or SIGTERM (at random) in its whole process group and started again;
+    then both are rerun until they exit 0. Every job is done once, no epoch twice, no done summary ever changes, and
+    normlab-report counts 200 runs, all done."""
+    rng, started = random.Random(24), time.time()
+    dirs = {launcher: tmp_path / launcher for launcher in LAUNCHERS}
+    procs = {launcher: soak_sweep(folder, launcher) for launcher, folder in dirs.items()}
+    kills = {"SIGKILL": 0, "SIGTERM": 0}
+    reruns, first_seen = 0, {}
+
+    def keep_summaries() -> None:  # a done summary, once seen, never changes
+        for folder in dirs.values():
+            for path, text in done_summaries(folder).items():
+                assert first_seen.setdefault(path, text) == text, f"{path} was rewritten"
+
+    while sum(kills.values()) < SOAK_KILLS:
+        unfinished = sorted(launcher for launcher in procs if len(done_summaries(dirs[launcher])) < SOAK_JOBS)
+        assert unfinished, f"every job was done after only {kills} kills"
+        launcher = rng.choice(unfinished)
+        proc, rows = procs[launcher], epochs_written(dirs[launcher])
+        deadline = time.time() + 120
+        while proc.poll() is None and epochs_written(dirs[launcher]) <= rows and time.time() < deadline:
+            time.sleep(0.1)  # until the sweep has trained (not while Python starts)
+        time.sleep(rng.uniform(0.0, 1.0))  # then at a random moment: in a step, a checkpoint, between jobs
+        keep_summaries()
+        name = rng.choice(sorted(kills))
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, getattr(signal, name))
+            kills[name] += 1
+        proc.wait()
+        procs[launcher] = soak_sweep(dirs[launcher], launcher)
+        reruns += 1
+    while procs:  # rerun until each sweep ends cleanly
+        for launcher, proc in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            keep_summaries()
+            if proc.returncode == 0 and len(done_summaries(dirs[launcher])) == SOAK_JOBS:
+                del procs[launcher]
+            else:
+                procs[launcher] = soak_sweep(dirs[launcher], launcher)
+                reruns += 1
+        time.sleep(0.5)
+    keep_summaries()
+
+    for folder in dirs.values():
+        assert_every_job_done_once(folder, SOAK_JOBS, epochs=2)
+    report = subprocess.run([sys.executable, "-m", "normlab.cli", *map(str, dirs.values()), "--out",
+                             str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert f"{2 * SOAK_JOBS} runs ({2 * SOAK_JOBS} done)" in report.stdout, report.stdout
+    assert min(kills.values()) >= SOAK_KILLS // 4, kills  # both signals, many times
+    print(f"\nsoak: {2 * SOAK_JOBS} jobs, kills {kills}, sweep restarts {reruns}, "
+          f"{(time.time() - started) / 60:.1f} minutes")

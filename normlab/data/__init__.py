@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from normlab import memory
 from normlab.data.device_loader import DeviceLoader, Normalize
 from normlab.data.image_set import DataShape
 from normlab.data.imagefolder import ImageFolderSource, Selection, select
@@ -49,6 +50,8 @@ def resolve(settings: DataConfig) -> DataSpec:
         streamed = not selection.fits_in(settings.in_memory_max_gb)
     else:
         shape = source(settings.name).describe(settings)
+    if not streamed:
+        memory.check_in_memory_set(settings, shape)  # the whole set is loaded before any subset is taken
     for split in ("train", "test"):
         size = getattr(settings, f"{split}_subset")
         if size is None:
@@ -77,6 +80,7 @@ def build(data: DataSpec, batch_size: int, device: torch.device, *, seed: int, c
     """The train loader (global batches of exactly `batch_size`) and the test loader, on `device`; `shard`
     (rank, ranks): this rank's part of each (see DeviceLoader)."""
     settings, shape = data.settings, data.shape
+    memory.check_on_device(shape, batch_size, device)
     padding = settings.crop_padding if settings.crop_padding is not None else max(1, shape.size // 8)
     if data.streamed:
         return _streamed(data, batch_size, device, seed, channels_last, shard)

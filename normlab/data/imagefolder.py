@@ -9,7 +9,6 @@ trained from device memory; a larger one streams through a DataLoader with worke
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import zipfile
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from normlab.cache import cache_dir
+from normlab.data import image_safety
 from normlab.errors import ConfigError
 from normlab.data.image_set import DataShape, ImageSet
 from normlab.records import atomic_write
@@ -32,8 +32,9 @@ TEST_SPLITS = ("val", "test")
 class ImageTree:
     """Lists and reads the image files of a folder or a zip; safe to use from DataLoader workers."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, max_pixels: int) -> None:
         self.path = Path(os.path.expanduser(str(path)))
+        self.max_pixels = max_pixels
         self.is_zip = self.path.suffix.lower() == ".zip"
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
@@ -75,17 +76,22 @@ class ImageTree:
         return splits
 
     def read(self, name: str) -> bytes:
-        if self.is_zip:
-            return self._archive().read(name)
-        return (self.path / name).read_bytes()
+        """The file's bytes, once its size (a zip member's inflated size) is one an image can have."""
+        try:
+            size = self._archive().getinfo(name).file_size if self.is_zip else (self.path / name).stat().st_size
+            image_safety.check_file_size(size, name, self.where, self.max_pixels)
+            return self._archive().read(name) if self.is_zip else (self.path / name).read_bytes()
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{name!r} in {self.where} cannot be read ({type(e).__name__}: {e})") from None
+
+    @property
+    def where(self) -> str:
+        return f"data.root={str(self.path)!r}"
 
     def open_image(self, name: str) -> Image.Image:
-        """The image `name`, as RGB; one that does not decode is a ConfigError naming the tree and the member."""
-        try:
-            return Image.open(io.BytesIO(self.read(name))).convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-            raise ConfigError(f"{name!r} in data.root={str(self.path)!r} is not a readable image "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        """The image `name`, as RGB; a bomb, an oversized, truncated or non-image file is a ConfigError naming
+        the tree and the member (data/image_safety.py)."""
+        return image_safety.open_rgb(self.read(name), name, self.where, self.max_pixels)
 
 
 def resize_and_center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -138,7 +144,7 @@ def select(settings: DataConfig) -> Selection:
     if not path.exists():
         raise ConfigError(f"data.root={settings.root!r} does not exist (data.download=false; image folders are never "
                           f"downloaded); point data.root at a folder or .zip with train/ and val/ or test/")
-    tree = ImageTree(path)
+    tree = ImageTree(path, cfg.max_image_pixels)
     test_split = next((s for s in TEST_SPLITS if s in tree.splits), None)
     if "train" not in tree.splits or test_split is None:
         raise ConfigError(f"data.root={settings.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "
@@ -217,5 +223,5 @@ class ImageFolderSource:
         test_images, test_labels = decode(selection, selection.test_split)
         image_set = ImageSet(train_images, train_labels, test_images, test_labels, selection.classes)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(vars(image_set), f))
+        atomic_write(path, lambda f: torch.save(vars(image_set), f), elsewhere="set data.cache_dir (or NORMLAB_CACHE)")
         return image_set

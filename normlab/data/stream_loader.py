@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 from normlab.data.device_loader import Batch, epoch_generator
 from normlab.data.imagefolder import Selection
+from normlab.errors import ConfigError
 
 
 class ImageFiles(Dataset):
@@ -69,6 +70,9 @@ class StreamLoader:
     def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_sampler=self.batches(epoch, shuffled), num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, labels in loader:
-            images = images.to(self.device, non_blocking=True)
-            yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in loader:
+                images = images.to(self.device, non_blocking=True)
+                yield self.normalize(images), labels.to(self.device, non_blocking=True)
+        except ConfigError as e:  # a refused image, raised in a worker: DataLoader adds the worker's traceback
+            raise ConfigError(str(e).rstrip().rsplit("ConfigError: ", 1)[-1]) from None

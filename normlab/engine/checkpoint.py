@@ -36,15 +36,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(records: RunDir, *, model, optimizer, schedule, epoch: int, metrics: list[dict],
                     wall_time_s: float, memory_format: str = "contiguous") -> None:
-    """The latest state into checkpoint.pt (atomically), the one it replaces kept as checkpoint.prev.pt."""
+    """The latest state into checkpoint.pt (atomically), the one it replaces kept as checkpoint.prev.pt.
+    A write that fails (WriteFailed) leaves both as they were."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "epoch": epoch, "metrics": metrics, "wall_time_s": wall_time_s, "rng": rng_state(),
         "memory_format": memory_format,
     }
-    if records.checkpoint.exists():
-        os.replace(records.checkpoint, records.previous_checkpoint)
-    atomic_write(records.checkpoint, lambda f: torch.save(state, f))
+    atomic_write(records.checkpoint, lambda f: torch.save(state, f), keep_previous=records.previous_checkpoint)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

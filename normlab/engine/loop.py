@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.engine import dist
+from normlab.engine import dist, preemption
 from normlab.engine.step import TrainStep, autocast
 
 
@@ -63,6 +63,8 @@ def train_epoch(step: TrainStep, batches, schedule, *,
         totals.add(logits, labels, loss * len(labels))
         if progress is not None:
             progress(index, totals)
+        if preemption.requested():  # the scheduler wants the job back: the trainer records no partial epoch
+            break
     metrics = totals.read()  # the one sync of the epoch
     return metrics, time.perf_counter() - start
 

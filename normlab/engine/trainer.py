@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from normlab.engine import dist
+from normlab.engine import dist, preemption
 from normlab.engine.build import Job, build_job, choose_job_memory_format
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
 from normlab.engine.evaluation import evaluate_epoch
@@ -32,7 +32,7 @@ from normlab.engine.rerun import job_is_done
 from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.norms import cpu_kernel, norm_spec
-from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
+from normlab.records import RunDir, append_metrics, atomic_write, write_metrics
 from normlab.run_spec import RunSpec, Runtime
 
 log = logging.getLogger("normlab")
@@ -126,13 +126,13 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
         if outcome.diverged_epoch is not None:
             facts["diverged_epoch"] = outcome.diverged_epoch
     except BaseException as e:
-        status = "failed"
+        status = "preempted" if isinstance(e, preemption.Preempted) else "failed"
         facts["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:  # every ending, a failure too, leaves its summary and closes the W&B run
         summary = summarize(spec, rows, status, wall_time, facts)
         if world.main:
-            write_json(records.summary, summary)
+            records.write_summary(summary)
         logger.log_summary(summary)
         logger.finish(exit_code=int(status == "failed"))
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
@@ -161,6 +161,7 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
         train_metrics, epoch_time = train_epoch(
             job.step, job.loaders.train.epoch(epoch), job.schedule,
             progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch))
+        preemption.stop_if_requested()  # a stopped epoch is redone on resume, from the last checkpoint
         wall_time += epoch_time
         dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],

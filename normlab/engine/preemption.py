@@ -1,0 +1,80 @@
+"""Preemption as schedulers send it: SIGTERM, SIGUSR1 or SIGUSR2 some time before the job is killed.
+
+SLURM sends one of them (``--signal``, or SIGTERM on ``scancel`` and at the time limit); submitit binds
+SIGUSR2 to its checkpoint-and-requeue and SIGTERM to a bypass. While a job trains, ``deferred()`` holds
+these signals: the current step finishes, the epoch stops there (``requested()``), ``stop_if_requested()``
+raises ``Preempted`` before a partial epoch is recorded, and the run is recorded as ``preempted`` with its
+last epoch-end checkpoint (a rerun redoes the partial epoch, so it ends with an uninterrupted run's
+metrics). Once the job's records are closed, ``hand_on`` passes the signal to the handler that was installed
+before normlab's (submitit's, say), or, with none, exits with 128 + the signal's number as a killed process
+would. Jobs on several processes (torchrun) keep the default handlers: their ranks would stop at different
+steps and wait on each other; they resume from the last checkpoint like any killed job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_received: list[int] = []  # the signals received while deferred, first first
+_previous: dict[int, Any] = {}  # each signal's handler before normlab's
+
+
+class Preempted(Exception):
+    """The scheduler asked the job to stop: the run is recorded as preempted, then the signal handed on."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"preempted by {signal.Signals(signum).name}")
+
+
+def _note(signum: int, frame: Any) -> None:
+    _received.append(signum)
+
+
+@contextlib.contextmanager
+def deferred(enabled: bool = True) -> Iterator[None]:
+    """Hold SIGTERM/SIGUSR1/SIGUSR2 while the block runs (only where signals can be caught: the main thread)."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received.clear()
+    _previous.clear()
+    for signum in SIGNALS:
+        if signal.getsignal(signum) != signal.SIG_IGN:  # a signal ignored on purpose stays ignored
+            _previous[signum] = signal.signal(signum, _note)
+    try:
+        yield
+    finally:
+        for signum, handler in _previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def requested() -> bool:
+    """Whether a preemption signal came: the training loop stops after the step it is in."""
+    return bool(_received)
+
+
+def stop_if_requested() -> None:
+    if _received:
+        raise Preempted(_received[0])
+
+
+def was_signalled() -> int | None:
+    """The signal received while deferred but not yet acted on (it came after the last epoch), or None."""
+    return _received[0] if _received else None
+
+
+def hand_on(signum: int) -> None:
+    """Call the handler that was there before normlab's, as the signal would have (submitit's requeues and
+    exits); then, or with none, exit with 128 + the signal's number: a sweep starts no further job."""
+    handler: Callable | Any = _previous.get(signum, signal.SIG_DFL)
+    _received.clear()
+    if callable(handler):
+        handler(signum, sys._getframe(1))
+    sys.exit(128 + signum)

@@ -1,0 +1,268 @@
+"""Faults a cluster throws, each through the CLI: full and read-only file systems, run folders that are not
+folders, hostile images, sizes that cannot fit. Each ends in one message that names the file or the key, no
+traceback, its exit code, and nothing written earlier lost. (Preemption signals: tests/test_preemption.py.)
+
+Tests run as root, so permissions stop nothing: a full disk is a small mounted tmpfs, a read-only one a
+read-only bind mount (both skip where mounting is not allowed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import zipfile
+import zlib
+from pathlib import Path
+
+import pytest
+
+from normlab.records import WRITE_FAILED_EXIT, read_metrics
+from tests.conftest import REPO, TINY, run_cli
+from tests.test_data import write_image_tree, zip_tree
+
+PAGE = 4096
+TIMING_KEYS = {"images_per_sec", "epoch_time_s"}
+QUIET_HYDRA = ["hydra.output_subdir=null", "hydra/job_logging=disabled"]  # Hydra writes nothing in the folder
+
+
+def mount(*args: str) -> None:
+    result = subprocess.run(["mount", *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount here ({result.stderr.strip()}): the file-system faults need mount")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A small file system of its own at `path`, to fill up."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount("-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path))
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` (a folder) seen read-only, at itself, for the block's length."""
+    mount("--bind", str(path), str(path))
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(fs: Path, leave_pages: int = 0) -> Path:
+    """Fill the file system at `fs` up to `leave_pages` free pages."""
+    filler = fs / "filler"
+    free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave_pages * PAGE))
+    assert os.statvfs(fs).f_bavail == leave_pages
+    return filler
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def assert_one_message(result, *parts: str, code: int) -> None:
+    assert result.returncode == code, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    error = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error) == 1, result.stderr[-3000:]
+    for part in parts:
+        assert part in error[0], error[0]
+
+
+# ---------------------------------------------------------------- a full or read-only file system
+
+def test_a_full_disk_at_the_checkpoint_keeps_the_one_before_and_the_rerun_ends_as_if_uninterrupted(tmp_path):
+    with tmpfs(tmp_path / "fs", "8m") as fs:
+        run = fs / "run"
+        args = [*TINY, "trainer.epochs=2", f"hydra.run.dir={run}"]
+        assert run_cli(*args).returncode == 0
+        uninterrupted = comparable(read_metrics(run / "metrics.jsonl"))
+        (run / "summary.json").unlink()
+        (run / "checkpoint.pt").unlink()  # as if killed after epoch 1's checkpoint: checkpoint.prev.pt resumes
+        before = digest(run / "checkpoint.prev.pt")
+        filler = fill(fs, leave_pages=16)  # far less than a checkpoint (2.4 MB)
+
+        failed = run_cli(*args)
+        assert_one_message(failed, f"cannot write {run / 'checkpoint.pt'}: No space left on device (ENOSPC)",
+                           "free space", "hydra.run.dir", code=WRITE_FAILED_EXIT)
+        assert digest(run / "checkpoint.prev.pt") == before and not (run / "checkpoint.pt").exists()
+        assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
+
+        filler.unlink()
+        resumed = run_cli(*args)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert comparable(read_metrics(run / "metrics.jsonl")) == uninterrupted
+
+
+@pytest.mark.parametrize("pages, record", [(0, "config.yaml"), (2, "metrics.jsonl"), (3, "summary.json")])
+def test_a_full_disk_at_each_record_is_named_and_nothing_is_left_half_written(tmp_path, pages, record):
+    """Pages: the lock's note takes one, config.yaml one, metrics.jsonl one; summary.json comes last."""
+    with tmpfs(tmp_path / "fs", "256k") as fs:
+        run = fs / "run"
+        run.mkdir()
+        fill(fs, leave_pages=pages)
+        result = run_cli(*TINY, "trainer.checkpoint=false", *QUIET_HYDRA, f"hydra.run.dir={run}")
+        assert_one_message(result, f"cannot write {run / record}: No space left on device (ENOSPC)",
+                           code=WRITE_FAILED_EXIT)
+        assert not list(run.glob(".*.tmp"))
+        if record == "metrics.jsonl":
+            assert (run / record).read_bytes() == b""  # the half-written line was cut back off
+        else:
+            assert not (run / record).exists()
+
+
+def test_a_sweep_goes_on_past_a_job_whose_disk_is_full(tmp_path):
+    sweep = tmp_path / "sweep"
+    with tmpfs(sweep / "0", "64k") as first:  # job 0's folder is a full file system of its own
+        fill(first)
+        result = run_cli("-m", *TINY, "seed=0,1", "hydra.output_subdir=null", f"hydra.sweep.dir={sweep}",
+                         "hydra.sweep.subdir=${hydra.job.num}")
+        output = result.stdout + result.stderr
+        assert f"cannot write {first / 'config.yaml'}: No space left on device" in output, output[-3000:]
+        assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "done"
+        assert "Traceback" not in output
+
+
+def test_a_read_only_run_folder_is_refused_before_anything_is_written(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY, "trainer.epochs=2", f"hydra.run.dir={run}"]
+    assert run_cli(*args).returncode == 0
+    (run / "summary.json").unlink()  # unfinished: the rerun would write
+    before = {p.name: digest(p) for p in run.rglob("*") if p.is_file()}
+    with read_only(run):
+        result = run_cli(*args)
+    assert_one_message(result, f"hydra.run.dir={run}", "read-only file system", code=2)
+    assert {p.name: digest(p) for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_cache_write_on_a_full_disk_names_the_cache_file_and_the_key(tmp_path):
+    tree = tmp_path / "tree"
+    write_image_tree(tree)
+    with tmpfs(tmp_path / "cache", "64k") as cache:
+        fill(cache)
+        result = run_cli("data=imagefolder", f"data.root={tree}", "data.image_size=8", f"data.cache_dir={cache}",
+                         "model=resnet8", "batch.per_worker=2", "batch.workers=2", "trainer.epochs=1",
+                         "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+        assert_one_message(result, f"cannot write {cache}/imagefolder-tree-8px-", "No space left on device",
+                           "data.cache_dir", code=WRITE_FAILED_EXIT)
+        assert not list(cache.glob(".*.tmp"))
+
+
+def test_a_report_into_a_read_only_folder_says_so_and_leaves_the_runs_alone(tmp_path):
+    run = tmp_path / "runs" / "a"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    before = {p.name: digest(p) for p in run.rglob("*") if p.is_file()}
+    with read_only(out):
+        result = subprocess.run([sys.executable, "-m", "normlab.cli", str(tmp_path / "runs"), "--out", str(out)],
+                                cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert_one_message(result, f"cannot write {out}", "Read-only file system (EROFS)", "--out",
+                       code=WRITE_FAILED_EXIT)
+    assert {p.name: digest(p) for p in run.rglob("*") if p.is_file()} == before
+
+
+# ---------------------------------------------------------------- run folders that are not what they seem
+
+def test_run_folders_that_are_not_folders_are_refused_before_hydra_writes(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [(f"hydra.run.dir={a_file}", "is a file, not a folder"),
+             (f"hydra.run.dir={dangling}", "is a symbolic link to"),
+             (f"hydra.run.dir={a_file}/run", f"cannot be made: {a_file} is a file"),
+             (f"hydra.sweep.dir={a_file}", "is a file, not a folder")]
+    for setting, reason in cases:
+        multirun = ["-m"] if "sweep" in setting else []
+        result = run_cli(*multirun, *TINY, setting, timeout=120)
+        assert_one_message(result, setting, reason, code=2)
+    assert a_file.read_text() == "keep me" and not (tmp_path / "nowhere").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "dangling"]
+
+
+# ---------------------------------------------------------------- images are data, never a hazard
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG of a few hundred bytes whose header claims width × height RGB pixels: a decompression bomb."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1024, 9))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("bomb", "is 40000×40000 pixels (1600 megapixels), more than data.max_image_pixels=40000000"),
+    ("oversized", "is 64×64 pixels (0 megapixels), more than data.max_image_pixels=1000"),
+    ("truncated", "is not a readable image (OSError"),
+    ("not_an_image", "is not a readable image (UnidentifiedImageError"),
+])
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_hostile_images_are_refused_by_member_and_archive_before_decoding(tmp_path, kind, reason, as_zip):
+    tree = tmp_path / "tree"
+    write_image_tree(tree, size=(64, 64) if kind == "oversized" else (10, 10))
+    member = sorted((tree / "train").rglob("*.png"))[0]
+    if kind == "bomb":
+        member.write_bytes(png_claiming(40_000, 40_000))
+    elif kind == "truncated":
+        member.write_bytes(member.read_bytes()[: member.stat().st_size // 2])
+    elif kind == "not_an_image":
+        member.write_bytes(b"#!/bin/sh\nrm -rf /\n")
+    root = zip_tree(tree, tmp_path / "tree.zip") if as_zip else tree
+    limit = ["data.max_image_pixels=1000"] if kind == "oversized" else []
+    run = tmp_path / "run"
+    result = run_cli("data=imagefolder", f"data.root={root}", "data.image_size=8", *limit,
+                     f"data.cache_dir={tmp_path / 'cache'}", "model=resnet8", "batch.per_worker=2",
+                     "batch.workers=2", "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={run}")
+    name = member.relative_to(tree).as_posix()
+    assert_one_message(result, f"'{name}' in data.root='{root}'", reason, code=2)
+    assert read_metrics(run / "metrics.jsonl") == []  # refused while the data loaded: no epoch ran
+
+
+def test_a_bomb_in_a_streamed_folder_is_refused_in_the_loaders_words_not_the_workers_traceback(tmp_path):
+    tree = tmp_path / "tree"
+    write_image_tree(tree)
+    member = sorted((tree / "val").rglob("*.png"))[0]  # every test image is read (training drops a partial batch)
+    member.write_bytes(png_claiming(40_000, 40_000))
+    result = run_cli("data=imagefolder", f"data.root={tree}", "data.image_size=8", "data.in_memory_max_gb=0",
+                     "data.loader_workers=1", "model=resnet8", "batch.per_worker=2", "batch.workers=2",
+                     "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_message(result, f"'{member.relative_to(tree).as_posix()}' in data.root='{tree}' is 40000×40000 "
+                       "pixels", "data.max_image_pixels", code=2)
+
+
+# ---------------------------------------------------------------- sizes checked before allocating
+
+def test_a_synthetic_set_too_large_for_memory_is_refused_with_its_size(tmp_path):
+    run = tmp_path / "run"
+    result = run_cli("data=synthetic", "data.size=20000", f"hydra.run.dir={run}", timeout=120)
+    gb = (512 + 128) * 3 * 20000 * 20000 / 1e9  # the images, uint8: the independent figure
+    assert_one_message(result, f"needs {gb:.1f} GB", "data.size", "this machine has free", code=2)
+    assert not (run / "config.yaml").exists()
+
+
+def test_an_image_folder_too_large_to_hold_names_in_memory_max_gb(tmp_path):
+    tree = tmp_path / "tree"
+    write_image_tree(tree)
+    result = run_cli("data=imagefolder", f"data.root={tree}", "data.image_size=200000", "data.in_memory_max_gb=1e9",
+                     f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    gb = 3 * (6 + 3) * 3 * 200000 ** 2 / 1e9  # the tree: 3 classes, 6 train and 3 val images each
+    assert_one_message(result, f"needs {gb:.1f} GB", "data.in_memory_max_gb", code=2)

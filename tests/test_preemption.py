@@ -1,0 +1,147 @@
+"""Preemption as schedulers send it, with real signals: SIGTERM, SIGUSR1, SIGUSR2 to a training job.
+
+The job finishes its step, keeps its last epoch's checkpoint, records itself as ``preempted`` and exits with
+128 + the signal (or hands the signal to the handler installed before normlab's: submitit's requeues the job).
+A rerun resumes and ends with an uninterrupted run's metrics (the reference: the same job never signalled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from normlab.records import read_metrics
+from tests.conftest import REPO, run_cli
+
+# Epochs of about a second on a busy CPU: time to signal one mid-epoch.
+JOB = ["data=synthetic", "data.num_train=384", "data.size=16", "model=resnet8", "batch.per_worker=8",
+       "batch.workers=2", "trainer.epochs=3", "trainer.progress=false", "trainer.threads=1"]
+TIMING_KEYS = {"images_per_sec", "epoch_time_s"}
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def start(command: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for_epochs(folder_glob: Path, pattern: str, epochs: int, proc: subprocess.Popen, timeout: float = 240) -> Path:
+    """The metrics file under `folder_glob` matching `pattern` once it holds `epochs` rows (the job still running)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for path in folder_glob.glob(pattern):
+            if len(read_metrics(path)) >= epochs:
+                return path
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("the job did not reach its epoch in time")
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    assert run_cli(*JOB, f"hydra.run.dir={folder}").returncode == 0
+    return comparable(read_metrics(folder / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_a_signal_mid_run_records_preempted_exits_128_plus_it_and_the_rerun_ends_as_if_uninterrupted(
+        tmp_path, signum, uninterrupted):
+    proc = start([sys.executable, "-m", "normlab.train", *JOB, f"hydra.run.dir={tmp_path}"])
+    wait_for_epochs(tmp_path, "metrics.jsonl", 1, proc)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output and f"preempted by {signal.Signals(signum).name}" in output
+    assert summary(tmp_path)["status"] == "preempted"
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < 3  # no partial epoch
+
+    resumed = run_cli(*JOB, f"hydra.run.dir={tmp_path}")
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr
+    assert comparable(read_metrics(tmp_path / "metrics.jsonl")) == uninterrupted
+    assert summary(tmp_path)["status"] == "done"
+
+
+EARLIER_HANDLER = """
+import signal, sys
+marker = sys.argv[1]
+def earlier(signum, frame):
+    open(marker, "w").write(signal.Signals(signum).name)
+signal.signal(signal.SIGUSR2, earlier)
+sys.argv = ["normlab-train", *sys.argv[2:]]
+from normlab.train import cli
+cli()
+"""
+
+
+def test_the_handler_installed_before_normlabs_is_called_after_the_run_is_recorded(tmp_path):
+    marker, run = tmp_path / "earlier_handler_ran", tmp_path / "run"
+    proc = start([sys.executable, "-c", EARLIER_HANDLER, str(marker), *JOB, f"hydra.run.dir={run}"])
+    wait_for_epochs(run, "metrics.jsonl", 1, proc)
+    proc.send_signal(signal.SIGUSR2)
+    output = proc.communicate(timeout=120)[0]
+    assert marker.read_text() == "SIGUSR2", output[-3000:]
+    assert proc.returncode == 128 + signal.SIGUSR2 and summary(run)["status"] == "preempted"
+
+
+def test_a_signalled_multirun_starts_no_further_job_and_exits_non_zero(tmp_path):
+    proc = start([sys.executable, "-m", "normlab.train", "-m", *JOB, "seed=0,1,2", f"hydra.sweep.dir={tmp_path}"])
+    first = wait_for_epochs(tmp_path, "*/metrics.jsonl", 1, proc).parent
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert summary(first)["status"] == "preempted"
+    assert [p.parent for p in tmp_path.glob("*/config.yaml")] == [first]  # no later job began
+
+
+def submitit_task(parent: int) -> int | None:
+    """The pid of the submitit task (``submitit.core._submit``) below process `parent`, if it runs."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    stack = [parent]
+    while stack:
+        pid = stack.pop()
+        try:
+            if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            pass
+        stack += children.get(pid, [])
+    return None
+
+
+def test_through_submitits_local_executor_sigusr2_requeues_and_the_job_resumes_to_done(tmp_path, uninterrupted):
+    proc = start([sys.executable, "-m", "normlab.train", "-m", "hydra/launcher=submitit_local", *JOB,
+                  f"hydra.sweep.dir={tmp_path}"])
+    metrics = wait_for_epochs(tmp_path, "**/metrics.jsonl", 1, proc, timeout=300)
+    task = submitit_task(proc.pid)
+    assert task is not None
+    os.kill(task, signal.SIGUSR2)  # what SLURM sends before the time limit, and submitit's local executor too
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*_log.*"))
+    assert "preempted by SIGUSR2" in logs and "Requeued job" in logs, logs[-3000:]
+    assert comparable(read_metrics(metrics)) == uninterrupted
+    assert summary(metrics.parent)["status"] == "done"
