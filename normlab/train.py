@@ -28,16 +28,16 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab import search_path, sweep
+from normlab import sweep
 from normlab.config import register_configs
 from normlab.engine import dist
 from normlab.errors import ConfigError, RunFolderBusy
 
 log = logging.getLogger("normlab")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# normlab/conf links to the checkout's conf/, whose experiment/ links to experiments/; a wheel holds their files
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
-search_path.register()
 
 
 def config_groups() -> str:
@@ -45,7 +45,6 @@ def config_groups() -> str:
     root = Path(CONFIG_DIR)
     groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in root.iterdir()
               if d.is_dir() and d.name != "hydra"}
-    groups["experiment"] = sorted(p.stem for p in search_path.EXPERIMENTS_DIR.glob("*.yaml"))
     return "\n".join(f"{group}: {', '.join(options)}" for group, options in sorted(groups.items()))
 
 
