@@ -20,7 +20,8 @@ metric=val_error  # the final epoch's error: the runs are short and cosine-decay
 sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended to LOG
   local dir=$1 log=$2
   shift 2
-  "${PYTHON:-python}" -m normlab.train -m "hydra.sweep.dir=$dir" "$@" 2>&1 | tee -a "$log"
+  "${PYTHON:-python}" -m normlab.train -m hydra/launcher=joblib hydra.launcher.n_jobs=2 "hydra.sweep.dir=$dir" "$@" \
+    2>&1 | tee -a "$log"  # two one-thread jobs side by side
 }
 
 finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or diverged)

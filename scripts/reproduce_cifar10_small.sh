@@ -15,9 +15,10 @@ publish=results/reference/cifar10_small
 [ "${FRESH:-0}" = 1 ] && rm -rf "$sweep"
 mkdir -p "$sweep"
 log="$sweep/sweeps.log"
+launcher=(hydra/launcher=joblib hydra.launcher.n_jobs=2)  # two one-thread jobs side by side
 start=$SECONDS
-normlab-train -m experiment=gn_batch_size_small "hydra.sweep.dir=$sweep" "$@" 2>&1 | tee "$log"
-normlab-train -m experiment=gn_batch_size_small norm=ln,in batch.per_worker=32 "hydra.sweep.dir=$sweep" "$@" \
+normlab-train -m experiment=gn_batch_size_small "${launcher[@]}" "hydra.sweep.dir=$sweep" "$@" 2>&1 | tee "$log"
+normlab-train -m experiment=gn_batch_size_small norm=ln,in batch.per_worker=32 "${launcher[@]}" "hydra.sweep.dir=$sweep" "$@" \
   2>&1 | tee -a "$log"
 echo "grid wall time: $((SECONDS - start)) s"
 if grep -E "sweep finished: " "$log" | grep -qE "invalid|failed|busy"; then

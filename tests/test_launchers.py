@@ -83,6 +83,34 @@ def test_the_slurm_config_composes_with_requeue_and_overrides():
     assert {"cpus_per_task", "mem_gb", "array_parallelism", "signal_delay_s"} <= set(launcher)
 
 
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+LAUNCHERS = {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "submitit_local": "LocalLauncher",
+             "submitit_slurm": "SlurmLauncher", "slurm": "SlurmLauncher"}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_every_launcher(experiment, launcher):
+    """An experiment says what the study is; how it is launched is the command line's choice."""
+    cfg = _hydra_config([f"experiment={experiment}", f"hydra/launcher={launcher}"])
+    resolved = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert resolved["_target_"].endswith(LAUNCHERS[launcher])
+    assert cfg.hydra.sweeper.params, "an experiment is a sweep"
+
+
+def test_the_published_studies_keep_their_launcher_on_the_command_line():
+    cfg = _hydra_config(["experiment=gn_norm_batch_small", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert (cfg.hydra.launcher._target_, cfg.hydra.launcher.n_jobs) == (JOBLIB, 2)
+    assert "n_jobs" not in _hydra_config(["experiment=gn_norm_batch_small"]).hydra.launcher  # basic by default
+
+
+def test_cfg_hydra_prints_an_experiment_with_the_slurm_launcher():
+    result = run_cli("experiment=gn_norm_batch_small", "hydra/launcher=submitit_slurm", "--cfg", "hydra",
+                     "--package", "hydra.launcher", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "SlurmLauncher" in result.stdout and "n_jobs" not in result.stdout
+
+
 # --- each job's share of the machine ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher, cpus, expected", [
