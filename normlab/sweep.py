@@ -32,6 +32,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from normlab import sweep_outcome
 from normlab.records import RunDir
 
 log = logging.getLogger("normlab.sweep")
@@ -349,8 +350,9 @@ class SweepProgress(Callback):
             scored = [e for e in mine if isinstance(e.get("val_error"), (int, float))]
             best = min(scored, key=lambda e: e["val_error"]) if scored else None
             best_text = f" · best val error {_percent(best['val_error'])} ({best['job']})" if best else ""
-            log.info("sweep finished: %d of %s jobs reported · %s%s · %s", len(mine), self.total or "?", tally,
-                     best_text, self.sweep_dir)
+            unfinished = sweep_outcome.record([e["status"] for e in mine], self.total)
+            log.info("sweep finished: %d of %s jobs reported · %s%s · %s%s", len(mine), self.total or "?", tally,
+                     best_text, self.sweep_dir, f" · {unfinished} not finished: exit code 1" if unfinished else "")
         except Exception as e:  # noqa: BLE001
             log.warning("sweep progress: no tally (%s: %s)", type(e).__name__, e)
 

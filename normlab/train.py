@@ -10,7 +10,7 @@ the machine: CPU threads, and a GPU of their own on a multi-GPU machine (normlab
 
 Bad input stops a single run with a one-paragraph message and exit code 2, before any data is
 read. In a multirun, a job that is invalid or fails is reported and skipped, so the rest of the
-sweep goes on; its run directory says what happened.
+sweep goes on; its run directory says what happened, and the sweep exits 1 (normlab/sweep_outcome.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab import sweep
+from normlab import sweep, sweep_outcome
 from normlab.config import register_configs
 from normlab.engine import dist
 from normlab.errors import ConfigError, RunFolderBusy
@@ -103,11 +103,16 @@ def cli() -> None:
         quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
                  if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
         sys.argv += ["hydra.output_subdir=null", *quiet]
+    if "--dry-run" in sys.argv[1:]:  # the sweep's jobs and what a run would do with each; nothing runs
+        from normlab import sweep_plan
+
+        sys.exit(sweep_plan.main([a for a in sys.argv[1:] if a not in ("--dry-run", "-m", "--multirun")], CONFIG_DIR))
     try:
         main()
     except (HydraException, OmegaConfBaseException) as e:
         print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(sweep_outcome.exit_code())  # a multirun with a job that did not finish: 1, after its tally
 
 
 if __name__ == "__main__":

@@ -24,23 +24,19 @@ sweep() {  # sweep DIR LOG ARGS...: one multirun into DIR, its output appended t
     2>&1 | tee -a "$log"  # two one-thread jobs side by side
 }
 
-finished() {  # finished LOG: every sweep in LOG reported all its jobs done (or diverged)
-  ! grep -E "sweep finished: " "$1" | grep -qE "invalid|failed|busy"
-}
-
 part_run() {  # part_run NAME DIR OUT SWEEP_ARGS -- SECOND_SWEEP_ARGS: two sweeps into DIR, then the report to OUT
   local name=$1 dir=$2 out=$3 first=$4 second=$5
   shift 5
   [ "${FRESH:-0}" = 1 ] && rm -rf "$dir"
   mkdir -p "$dir"
-  local log="$dir/sweeps.log" start=$SECONDS
+  local log="$dir/sweeps.log" start=$SECONDS finished=1  # a sweep exits 1 when some job of it did not finish
   : > "$log"
   # shellcheck disable=SC2086  # the sweep arguments are words on purpose
-  sweep "$dir" "$log" $first "$@"
+  sweep "$dir" "$log" $first "$@" || finished=0
   # shellcheck disable=SC2086
-  sweep "$dir" "$log" $second "$@"
+  sweep "$dir" "$log" $second "$@" || finished=0
   echo "$name wall time: $((SECONDS - start)) s" | tee -a "$log"
-  finished "$log" || { echo "$name not published: some jobs did not finish (see $log)" >&2; exit 1; }
+  [ "$finished" = 1 ] || { echo "$name not published: some jobs did not finish (see $log)" >&2; exit 1; }
   "${PYTHON:-python}" -m normlab.cli "$dir" --out "$out" --metric "$metric"
 }
 

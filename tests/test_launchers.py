@@ -198,11 +198,12 @@ def test_share_machine_gives_each_parallel_job_its_own_gpu(monkeypatch, tmp_path
 def test_progress_lines_with_the_basic_launcher_and_a_rerun(tmp_path):
     args = ["-m", *TINY, "model.width=16", "norm=gn", "norm.groups=8,32", f"hydra.sweep.dir={tmp_path}"]
     first = run_cli(*args, timeout=120)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 1, first.stderr  # a job did not finish
     out = first.stdout + first.stderr
     assert "sweep: 1 of 2 finished · done · val error " in out and "% · norm.groups=8" in out
     assert "sweep: 2 of 2 finished · invalid · val error n/a · norm.groups=32" in out
     assert "sweep finished: 2 of 2 jobs reported · 1 done, 1 invalid · best val error" in out
+    assert "· 1 not finished: exit code 1" in out
     again = run_cli(*args, timeout=120)  # the done job is skipped, and says so
     assert "sweep: 1 of 2 finished · done (already done, skipped)" in again.stdout + again.stderr
 
@@ -255,7 +256,7 @@ def test_progress_callback_counts_jobs_reported_from_other_processes(tmp_path, c
         "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn",
         "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn",
         f"sweep finished: 3 of 6 jobs reported · 1 done, 1 diverged, 1 failed (RuntimeError) · best val error 12.50% "
-        f"(norm=bn) · {tmp_path}",
+        f"(norm=bn) · {tmp_path} · 4 not finished: exit code 1",  # the failed one and three that never reported
     ]
 
 
