@@ -16,6 +16,7 @@ from normlab.records import read_metrics
 from tests.conftest import REPO, parse_wandb_log, read_wandb_records, record_key, run_cli
 
 pytest.importorskip("wandb")
+pytestmark = pytest.mark.slow  # jobs in subprocesses, one of them killed and resumed
 
 JOB = ["data=synthetic", "data.num_train=512", "data.size=16", "model=resnet8", "batch.per_worker=8",
        "batch.workers=2", "trainer.epochs=4", "trainer.progress=false", "trainer.threads=1", "trainer.checkpoint=true",

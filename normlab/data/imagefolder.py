@@ -124,7 +124,9 @@ def select(cfg) -> Selection:
     """Check the settings against the tree (ConfigError naming the key) and pick classes and size."""
     if not cfg.root:
         raise ConfigError("data.root=None is invalid: imagefolder needs data.root, a folder or a .zip "
-                          "holding train/<class>/ and val/<class>/ (or test/<class>/)")
+                          "holding train/<class>/ and val/<class>/ (or test/<class>/). For data=cifar10_jpeg, set "
+                          "NORMLAB_CIFAR10_JPEG=/path/to/cifar10-jpeg.zip, or use torchvision's CIFAR-10: "
+                          "data=cifar10 data.download=true")
     path = Path(os.path.expanduser(cfg.root))
     if not path.exists():
         raise ConfigError(f"data.root={cfg.root!r} does not exist (data.download=false; image folders are never "
