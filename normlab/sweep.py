@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -33,6 +34,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from normlab import sweep_outcome
+from normlab.pace import eta
 from normlab.records import RunDir
 
 log = logging.getLogger("normlab.sweep")
@@ -258,9 +260,11 @@ class SweepProgress(Callback):
         self.total: int | None = None
         self.sweep_dir: str | None = None
         self.keys: list[str] = []
+        self.started: float | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
         try:
             self.sweep_dir = str(config.hydra.sweep.dir)
             self.keys = swept_keys(config)
@@ -314,8 +318,10 @@ class SweepProgress(Callback):
         finished = self._record(Path(self.sweep_dir or config.hydra.sweep.dir), entry)
         position = f"{finished} of {self.total}" if finished and self.total else \
             f"{finished} of ?" if finished else "1 more"
-        log.info("sweep: %s finished · %s · val error %s · %s", position, status,
-                 _percent(entry["val_error"]), job)
+        left = f" · sweep ETA {eta(time.time() - self.started, finished, self.total)}" if (
+            self.started and finished and self.total and finished < self.total) else ""
+        log.info("sweep: %s finished · %s · val error %s · %s%s", position, status,
+                 _percent(entry["val_error"]), job, left)
 
     def _name(self, config: DictConfig) -> str:
         """The job by what the sweep varies ("norm=gn batch.per_worker=8"), else its override dirname."""

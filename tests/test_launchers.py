@@ -252,9 +252,9 @@ def test_progress_callback_counts_jobs_reported_from_other_processes(tmp_path, c
     callback.on_multirun_end(config=start)
     lines = [r.getMessage() for r in caplog.records if r.name == "normlab.sweep"]
     assert lines == [
-        "sweep: 1 of 6 finished · done · val error 12.50% · norm=bn",
-        "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn",
-        "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn",
+        "sweep: 1 of 6 finished · done · val error 12.50% · norm=bn · sweep ETA 00:00",  # at 5 jobs a second
+        "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn · sweep ETA 00:00",
+        "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn · sweep ETA 00:00",
         f"sweep finished: 3 of 6 jobs reported · 1 done, 1 diverged, 1 failed (RuntimeError) · best val error 12.50% "
         f"(norm=bn) · {tmp_path} · 4 not finished: exit code 1",  # the failed one and three that never reported
     ]
