@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from normlab import sweep_outcome
+from normlab.pace import eta
 from normlab.records import RunDir
 from normlab.sweep_jobs import MAX_PRECHECKED_JOBS, count_jobs, invalid_jobs, swept_keys
 
@@ -55,9 +58,11 @@ class SweepProgress(Callback):
         self.total: int | None = None
         self.sweep_dir: str | None = None
         self.keys: list[str] = []
+        self.started: float | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_id = uuid.uuid4().hex[:12]
+        self.started = time.time()
         try:
             self.sweep_dir = str(config.hydra.sweep.dir)
             self.keys = swept_keys(config)
@@ -111,8 +116,10 @@ class SweepProgress(Callback):
         finished = self._record(Path(self.sweep_dir or config.hydra.sweep.dir), entry)
         position = f"{finished} of {self.total}" if finished and self.total else \
             f"{finished} of ?" if finished else "1 more"
-        log.info("sweep: %s finished · %s · val error %s · %s", position, status,
-                 _percent(entry["val_error"]), job)
+        left = f" · sweep ETA {eta(time.time() - self.started, finished, self.total)}" if (
+            self.started and finished and self.total and finished < self.total) else ""
+        log.info("sweep: %s finished · %s · val error %s · %s%s", position, status,
+                 _percent(entry["val_error"]), job, left)
 
     def _name(self, config: DictConfig) -> str:
         """The job by what the sweep varies ("norm=gn batch.per_worker=8"), else its override dirname."""
@@ -147,8 +154,9 @@ class SweepProgress(Callback):
             scored = [e for e in mine if isinstance(e.get("val_error"), (int, float))]
             best = min(scored, key=lambda e: e["val_error"]) if scored else None
             best_text = f" · best val error {_percent(best['val_error'])} ({best['job']})" if best else ""
-            log.info("sweep finished: %d of %s jobs reported · %s%s · %s", len(mine), self.total or "?", tally,
-                     best_text, self.sweep_dir)
+            unfinished = sweep_outcome.record([e["status"] for e in mine], self.total)
+            log.info("sweep finished: %d of %s jobs reported · %s%s · %s%s", len(mine), self.total or "?", tally,
+                     best_text, self.sweep_dir, f" · {unfinished} not finished: exit code 1" if unfinished else "")
         except Exception as e:  # noqa: BLE001
             log.warning("sweep progress: no tally (%s: %s)", type(e).__name__, e)
 

@@ -10,7 +10,7 @@ the machine: CPU threads, and a GPU of their own on a multi-GPU machine (normlab
 
 Bad input stops a single run with a one-paragraph message and exit code 2, before any data is
 read. In a multirun, a job that is invalid or fails is reported and skipped, so the rest of the
-sweep goes on; its run directory says what happened.
+sweep goes on; its run directory says what happened, and the sweep exits 1 (normlab/sweep_outcome.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from normlab import run_folder, search_path
+from normlab import run_folder, sweep_outcome
 from normlab.machine_share import MachineShare, share_machine
 from normlab.config import register_configs
 from normlab.engine import dist, preemption
@@ -38,10 +38,10 @@ from normlab.records import WRITE_FAILED_EXIT, WriteFailed
 from normlab.validation import resolve_run, validate
 
 log = logging.getLogger("normlab")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# normlab/conf links to the checkout's conf/, whose experiment/ links to experiments/; a wheel holds their files
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 register_configs()
-search_path.register()
 
 
 def config_groups() -> str:
@@ -49,7 +49,6 @@ def config_groups() -> str:
     root = Path(CONFIG_DIR)
     groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in root.iterdir()
               if d.is_dir() and d.name != "hydra"}
-    groups["experiment"] = sorted(p.stem for p in search_path.EXPERIMENTS_DIR.glob("*.yaml"))
     return "\n".join(f"{group}: {', '.join(options)}" for group, options in sorted(groups.items()))
 
 
@@ -131,6 +130,10 @@ def cli() -> None:
         quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
                  if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
         sys.argv += ["hydra.output_subdir=null", *quiet]
+    if "--dry-run" in sys.argv[1:]:  # the sweep's jobs and what a run would do with each; nothing runs
+        from normlab import sweep_plan
+
+        sys.exit(sweep_plan.main([a for a in sys.argv[1:] if a not in ("--dry-run", "-m", "--multirun")], CONFIG_DIR))
     refusal = run_folder.check(sys.argv[1:])  # before Hydra makes the folder and writes into it
     if refusal is not None:
         print(f"normlab-train: error: {refusal}", file=sys.stderr)
@@ -140,6 +143,7 @@ def cli() -> None:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(sweep_outcome.exit_code())  # a multirun with a job that did not finish: 1, after its tally
 
 
 if __name__ == "__main__":

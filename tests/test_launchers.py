@@ -86,6 +86,34 @@ def test_the_slurm_config_composes_with_requeue_and_overrides():
     assert {"cpus_per_task", "mem_gb", "array_parallelism", "signal_delay_s"} <= set(launcher)
 
 
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+LAUNCHERS = {"basic": "BasicLauncher", "joblib": "JoblibLauncher", "submitit_local": "LocalLauncher",
+             "submitit_slurm": "SlurmLauncher", "slurm": "SlurmLauncher"}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_every_launcher(experiment, launcher):
+    """An experiment says what the study is; how it is launched is the command line's choice."""
+    cfg = _hydra_config([f"experiment={experiment}", f"hydra/launcher={launcher}"])
+    resolved = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert resolved["_target_"].endswith(LAUNCHERS[launcher])
+    assert cfg.hydra.sweeper.params, "an experiment is a sweep"
+
+
+def test_the_published_studies_keep_their_launcher_on_the_command_line():
+    cfg = _hydra_config(["experiment=gn_norm_batch_small", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"])
+    assert (cfg.hydra.launcher._target_, cfg.hydra.launcher.n_jobs) == (JOBLIB, 2)
+    assert "n_jobs" not in _hydra_config(["experiment=gn_norm_batch_small"]).hydra.launcher  # basic by default
+
+
+def test_cfg_hydra_prints_an_experiment_with_the_slurm_launcher():
+    result = run_cli("experiment=gn_norm_batch_small", "hydra/launcher=submitit_slurm", "--cfg", "hydra",
+                     "--package", "hydra.launcher", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "SlurmLauncher" in result.stdout and "n_jobs" not in result.stdout
+
+
 # --- each job's share of the machine ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("launcher, cpus, expected", [
@@ -173,11 +201,12 @@ def test_share_machine_gives_each_parallel_job_its_own_gpu(monkeypatch, tmp_path
 def test_progress_lines_with_the_basic_launcher_and_a_rerun(tmp_path):
     args = ["-m", *TINY, "model.width=16", "norm=gn", "norm.groups=8,32", f"hydra.sweep.dir={tmp_path}"]
     first = run_cli(*args, timeout=120)
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 1, first.stderr  # a job did not finish
     out = first.stdout + first.stderr
     assert "sweep: 1 of 2 finished · done · val error " in out and "% · norm.groups=8" in out
     assert "sweep: 2 of 2 finished · invalid · val error n/a · norm.groups=32" in out
     assert "sweep finished: 2 of 2 jobs reported · 1 done, 1 invalid · best val error" in out
+    assert "· 1 not finished: exit code 1" in out
     again = run_cli(*args, timeout=120)  # the done job is skipped, and says so
     assert "sweep: 1 of 2 finished · done (already done, skipped)" in again.stdout + again.stderr
 
@@ -241,11 +270,11 @@ def test_progress_callback_counts_jobs_reported_from_other_processes(tmp_path, c
     callback.on_multirun_end(config=start)
     lines = [r.getMessage() for r in caplog.records if r.name == "normlab.sweep"]
     assert lines == [
-        "sweep: 1 of 6 finished · done · val error 12.50% · norm=bn",
-        "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn",
-        "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn",
+        "sweep: 1 of 6 finished · done · val error 12.50% · norm=bn · sweep ETA 00:00",  # at 5 jobs a second
+        "sweep: 2 of 6 finished · diverged · val error n/a · norm=bn · sweep ETA 00:00",
+        "sweep: 3 of 6 finished · failed (RuntimeError) · val error n/a · norm=bn · sweep ETA 00:00",
         f"sweep finished: 3 of 6 jobs reported · 1 done, 1 diverged, 1 failed (RuntimeError) · best val error 12.50% "
-        f"(norm=bn) · {tmp_path}",
+        f"(norm=bn) · {tmp_path} · 4 not finished: exit code 1",  # the failed one and three that never reported
     ]
 
 

@@ -62,7 +62,7 @@ def test_a_sweep_killed_at_random_moments_finishes_every_job_exactly_once(tmp_pa
 def test_two_sweeps_into_one_folder_split_the_jobs_and_never_double_one(tmp_path):
     jobs = 40
     first, second = start(tmp_path, jobs), start(tmp_path, jobs)
-    assert first.wait(timeout=1800) == 0 and second.wait(timeout=1800) == 0
+    assert {first.wait(timeout=1800), second.wait(timeout=1800)} <= {0, 1}  # 1: it skipped a job as busy
     assert_every_job_done_once(tmp_path, jobs)  # a job one sweep skipped as busy, the other one finished
 
 

@@ -139,12 +139,14 @@ def select(settings: DataConfig) -> Selection:
     """Check the settings against the tree (ConfigError naming the key) and pick classes and size."""
     if not settings.root:
         raise ConfigError("data.root=None is invalid: imagefolder needs data.root, a folder or a .zip "
-                          "holding train/<class>/ and val/<class>/ (or test/<class>/)")
+                          "holding train/<class>/ and val/<class>/ (or test/<class>/). For data=cifar10_jpeg, set "
+                          "NORMLAB_CIFAR10_JPEG=/path/to/cifar10-jpeg.zip, or use torchvision's CIFAR-10: "
+                          "data=cifar10 data.download=true")
     path = Path(os.path.expanduser(settings.root))
     if not path.exists():
         raise ConfigError(f"data.root={settings.root!r} does not exist (data.download=false; image folders are never "
                           f"downloaded); point data.root at a folder or .zip with train/ and val/ or test/")
-    tree = ImageTree(path, cfg.max_image_pixels)
+    tree = ImageTree(path, settings.max_image_pixels)
     test_split = next((s for s in TEST_SPLITS if s in tree.splits), None)
     if "train" not in tree.splits or test_split is None:
         raise ConfigError(f"data.root={settings.root!r} holds splits {sorted(tree.splits) or 'none'}; need train/ and "

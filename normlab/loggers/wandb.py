@@ -1,32 +1,68 @@
-"""Weights & Biases: one run per job, offline by default; never fatal.
+"""Weights & Biases: one run per job, across kills and resumes; offline by default; never fatal.
 
-wandb is imported only here, when ``logger=wandb`` is chosen, so ``logger=none`` runs without it.
-Any W&B failure (not installed, no key, no network, an init error) warns once and turns the
-logger off; the results on disk are complete either way.
+- The job's W&B run id is kept in its folder (``wandb.json``): a job that resumes from its checkpoint goes on
+  in the same W&B run (``resume="allow"``) and sends the epochs it resumes after again, since a kill loses
+  what W&B's service had not yet written; W&B keeps one row per step (the epoch), so every epoch is there
+  once. A job that starts over (a fresh folder, ``trainer.force``) gets a new run: the id is the folder's
+  path hashed, plus a random part.
+- The epoch is every metric's step (``define_metric``); the error metrics' summaries are their minimum while the
+  run goes, and at the end the run's summary is ``summary.json`` (``val_error`` the final one, ``best_val_error``
+  the minimum), as ``normlab-report --wandb`` reads it.
+- At the end the run's records (the resolved ``config.yaml``, ``summary.json``, ``metrics.jsonl``) are logged
+  as an artifact; an online run's URL is logged when it starts.
+
+wandb is imported only here, when ``logger=wandb`` is chosen, so ``logger=none`` runs without it. Any W&B
+failure (no key, no network, an init error) warns once and turns the logger off; the results on disk are
+complete either way.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import secrets
+from pathlib import Path
 from typing import Any
 
+from normlab.records import CONFIG, METRICS, SUMMARY, read_json, read_metrics, write_json
+
 log = logging.getLogger(__name__)
+STATE_FILE = "wandb.json"  # in the run folder: {"id": the job's W&B run}
+
+
+def run_state(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
+    """(run id, the epochs this job resumes after). A resuming job (its ``metrics.jsonl``, which the trainer
+    realigns with the checkpoint before the logger starts, holds epochs) keeps the id in its folder; any
+    other gets a new one."""
+    resumed = read_metrics(run_dir / METRICS)
+    kept = read_json(run_dir / STATE_FILE) or {}
+    if resumed and str(kept.get("id", "")).isalnum():
+        return kept["id"], resumed
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8] + secrets.token_hex(4), []
 
 
 class WandbLogger:
     def __init__(self, cfg, run_dir, resolved_config: dict[str, Any], run_name: str) -> None:
-        self.run = None
+        self.run, self.run_dir, self.defined = None, Path(run_dir), set()
         try:
             import wandb
 
+            run_id, resumed = run_state(self.run_dir)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=resolved_config.get("name"),
                 job_type=resolved_config["norm"]["name"], name=run_name, config=resolved_config,
                 tags=list(cfg.tags), mode=cfg.mode, dir=str(cfg.dir or run_dir), reinit="finish_previous",
-                settings=wandb.Settings(init_timeout=60),
+                id=run_id, resume="allow", settings=wandb.Settings(init_timeout=60),
             )
+            self.run.define_metric("epoch")
+            self.run.define_metric("*", step_metric="epoch")
+            if cfg.mode == "online" and self.run.url:
+                log.info("W&B run: %s", self.run.url)
+            write_json(self.run_dir / STATE_FILE, {"id": run_id})
+            for row in resumed:  # W&B keeps the first row of a step: a resend adds only what a kill lost
+                self._log(row)
         except Exception as e:  # noqa: BLE001 - an observer must never stop training
             self._disable(f"W&B init failed ({type(e).__name__}: {e})")
 
@@ -42,12 +78,30 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             self._disable(f"W&B {what} failed ({type(e).__name__}: {e})")
 
+    def _log(self, row: dict[str, Any]) -> None:
+        for key in row.keys() - self.defined:
+            if "error" in key:  # train_error, val_error, val_error_top5, val_error_ema, ...: lower is better
+                self.run.define_metric(key, step_metric="epoch", summary="min")
+            self.defined.add(key)
+        self.run.log(row, step=row["epoch"])
+
     def log_epoch(self, row: dict[str, Any]) -> None:
-        self._safely("log", lambda: self.run.log(row, step=row["epoch"]))
+        self._safely("log", lambda: self._log(row))
 
     def log_summary(self, summary: dict[str, Any]) -> None:
         self._safely("summary", lambda: self.run.summary.update(summary))
 
+    def _log_records(self) -> None:
+        import wandb
+
+        records = wandb.Artifact(f"records-{self.run.id}", type="run-records",
+                                 description="normlab's run folder: config.yaml (resolved), summary.json, metrics.jsonl")
+        for name in (CONFIG, SUMMARY, METRICS):
+            if (self.run_dir / name).is_file():
+                records.add_file(str(self.run_dir / name), name=name)
+        self.run.log_artifact(records)
+
     def finish(self, exit_code: int = 0) -> None:
+        self._safely("artifact", self._log_records)
         self._safely("finish", lambda: self.run.finish(exit_code=exit_code))
         self.run = None

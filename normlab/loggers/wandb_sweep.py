@@ -1,8 +1,10 @@
 """A Hydra callback that puts the paper's figure into W&B at the end of a multirun (``logger=wandb``).
 
 It logs one summary run into the sweep's group: a ``wandb.Table`` of every finished job
-(norm, groups, per_worker_batch, seed, val_error, val_error_median5) and a line plot of error vs
-batch size per norm. Like every W&B path in normlab it never fails the sweep: errors only warn.
+(norm, groups, per_worker_batch, seed, val_error, val_error_median5), a line plot of error vs
+batch size per norm, and normlab-report's report of the sweep (written to ``<sweep dir>/report/``): its
+figures as images and all its files (tables, report.md/html, runs.csv) as an artifact. Like every W&B
+path in normlab it never fails the sweep: errors only warn.
 """
 
 from __future__ import annotations
@@ -51,8 +53,29 @@ def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
                 keys=[norm_label(n) for n in norms], title="Error vs images per worker",
                 xname="images per worker (N)"),
         })
+        attach_report(run, runs, Path(sweep_dir) / "report")
     finally:
         run.finish()
+
+
+def attach_report(run, runs, out: Path) -> None:
+    """Write normlab-report's report of the sweep into ``out`` and attach it to ``run``: the figures as images,
+    every file as the artifact ``report-<run id>``. A report that cannot be built only warns."""
+    import wandb
+
+    from normlab.analysis.report import build_report
+
+    try:
+        written = build_report(runs, out, sources=[str(out.parent)])
+    except Exception as e:  # noqa: BLE001 - the table and the plot are logged already
+        log.warning("W&B sweep summary: no report (%s: %s)", type(e).__name__, e)
+        return
+    files = sorted({p for paths in written.values() for p in paths})
+    run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
+    report = wandb.Artifact(f"report-{run.id}", type="report", description="normlab-report's report of the sweep")
+    for path in files:
+        report.add_file(str(path), name=path.name)
+    run.log_artifact(report)
 
 
 class WandbSweepSummary(Callback):

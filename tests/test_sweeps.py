@@ -1,0 +1,55 @@
+"""Sweeps a script can trust: the exit code says whether every job finished, the folders carry no date, and
+``--dry-run`` lists the jobs (and the invalid ones) without training anything."""
+
+from __future__ import annotations
+
+import json
+
+from normlab import sweep_outcome
+from tests.conftest import TINY, run_cli
+
+GROUPS = ["-m", *TINY, "model.width=16", "norm=gn"]  # G=32 does not divide the 16 channels: invalid
+
+
+def test_a_sweep_with_an_invalid_job_finishes_the_valid_ones_then_exits_1(tmp_path):
+    result = run_cli(*GROUPS, "norm.groups=8,32", f"hydra.sweep.dir={tmp_path}", timeout=180)
+    assert result.returncode == 1, result.stderr
+    done = [json.loads(p.read_text()) for p in tmp_path.glob("*/summary.json")]
+    assert [(s["groups"], s["status"]) for s in done] == [(8, "done")]
+    last = [line for line in (result.stdout + result.stderr).splitlines() if "sweep" in line][-1]  # the tally
+    assert "sweep finished: 2 of 2 jobs reported · 1 done, 1 invalid" in last and "1 not finished" in last
+
+
+def test_an_all_done_rerun_into_a_dated_folder_of_an_earlier_version_exits_0(tmp_path):
+    dated = tmp_path / "2026-11-30"  # where earlier versions put a sweep: results/<name>/<date>/
+    first = run_cli(*GROUPS, "norm.groups=8,16", f"hydra.sweep.dir={dated}", timeout=180)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*GROUPS, "norm.groups=8,16", f"hydra.sweep.dir={dated}", timeout=180)
+    assert again.returncode == 0, again.stderr
+    out = again.stdout + again.stderr
+    assert "2 of 2 finished · done (already done, skipped)" in out
+    assert "2 of 2 jobs reported · 2 done (already done, skipped)" in out
+
+
+def test_unfinished_counts_every_status_but_done_and_diverged_and_every_silent_job():
+    assert sweep_outcome.count_unfinished(["done", "diverged", "done (already done, skipped)"], 3) == 0
+    assert sweep_outcome.count_unfinished(["done", "invalid", "busy (another process holds its folder)",
+                                           "failed (RuntimeError)", "no summary.json"], 5) == 4
+    assert sweep_outcome.count_unfinished(["done"], 3) == 2  # two jobs never reported back
+
+
+def test_dry_run_lists_the_jobs_their_folders_and_the_invalid_ones_and_runs_nothing(tmp_path):
+    result = run_cli(*GROUPS, "norm.groups=8,32", f"hydra.sweep.dir={tmp_path / 'sweep'}", "--dry-run", timeout=120)
+    assert result.returncode == 1, result.stderr  # as the sweep would end
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("#0 norm.groups=8 · train · ") and lines[0].endswith("norm.groups=8,norm=gn,trainer.epochs=1")
+    assert lines[1].startswith("#1 norm.groups=32 · invalid: ") and "norm.groups=32" in lines[1]
+    assert lines[2] == "dry run: 2 jobs · 1 train, 1 invalid · nothing was run"
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_default_folders_are_named_by_the_config_not_the_date(tmp_path):
+    result = run_cli("-m", "experiment=demo", "--dry-run", cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "#0 norm=bn batch.per_worker=32 · train · results/demo/batch.per_worker=32,norm=bn" in result.stdout
+    assert "dry run: 6 jobs · 6 train" in result.stdout
