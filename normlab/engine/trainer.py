@@ -41,8 +41,7 @@ from normlab.engine.rerun import job_changes, refuse_another_job
 from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.models import build_model
-from normlab.norms import cpu_kernel, norm_spec
-from normlab.norms.batch import SyncBatchNorm2d
+from normlab.norms import cpu_kernel, norm_spec, to_process_local_bn
 from normlab.protocol import effective, identity
 from normlab.records import RunDir, append_metrics, atomic_write, write_json, write_metrics
 from normlab.switches import resolve_switch, switch
@@ -90,7 +89,7 @@ def resolve_memory_format(cfg: DictConfig, shape, device: torch.device, precisio
     eff = effective(cfg)
 
     def make_step(channels_last: bool) -> TrainStep:  # the step as the job runs it: compiled too, if it is
-        model = build_run_model(cfg, shape, device, channels_last, ranks)
+        model = to_process_local_bn(build_run_model(cfg, shape, device, channels_last, ranks))  # rank 0 alone
         forward = compile_model(model) if cfg.trainer.compile else model
         return TrainStep(forward, build_optimizer(model, cfg.optim, eff.lr), device=device, precision=precision)
 
@@ -206,9 +205,8 @@ def resolve_runtime(cfg: DictConfig, state: dict | None, world: dist.World = dis
     precision = resolve_precision(cfg.trainer.precision, device)
     cuda_graph = resolve_cuda_graph(cfg.trainer.cuda_graph, device, cfg.trainer.compile, host_synced_norm(cfg),
                                     world.size)
-    def probe() -> FormatChoice:  # on rank 0 alone, so synced BN must not wait for the other ranks
-        with SyncBatchNorm2d.within_process():
-            return resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state, world.size)
+    def probe() -> FormatChoice:  # on rank 0 alone: its models' synced BN runs on this process's images
+        return resolve_memory_format(cfg, datasets.describe(cfg.data), device, precision, state, world.size)
 
     layout = dist.on_main(probe)  # one probe; every rank runs its choice
     return Runtime(device, precision, cuda_graph, layout, world)
