@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             failures = dict(zip(work, pool.map(
                 lambda item: run(trees[item[0]], table[item[1]], folder / item[0] / item[1], cache), work)))
     finally:
+        shutil.rmtree(cache, ignore_errors=True)
         for tree in trees.values():
             if tree.exists():
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False,

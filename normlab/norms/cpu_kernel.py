@@ -11,7 +11,7 @@ Registered with ``torch.library.custom_op``, with fake (meta) implementations an
 is an op like torch's own: ``torch.compile`` keeps it in its graphs instead of tracing around it. Where the
 library is missing (no compiler, a failed build, a refused file: :mod:`normlab.norms.kernel_library`) or
 ``NORMLAB_CPU_KERNEL=0``, :func:`usable` says no and the norms run on torch's ops (one warning says why). The
-kernel trusts the sizes it is given, so :func:`normalize` checks them all first.
+kernel trusts the sizes it is given, so each op checks every size, dtype and layout before it passes a pointer.
 """
 
 from __future__ import annotations
