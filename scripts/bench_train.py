@@ -19,6 +19,11 @@ images of the same shape otherwise.
     python scripts/bench_train.py                         # the default grid, < 3 minutes on 2 CPU cores
     python scripts/bench_train.py --norms bn gn --per-worker 32 2 --workers 8 --steps 40 --csv out.csv
     python scripts/bench_train.py --cuda-graph false --skip-reference    # ablations: eager, --compile, --channels-last
+    python scripts/bench_train.py --compile-vs-eager --threads 2         # trainer.compile's gain, bn and gn at 16×8, 2×8
+
+--compile-vs-eager times normlab's step eager and compiled (torch.compile as trainer.compile does it), alternating
+rounds in one process, in each memory format (or the one --channels-last names), and prints the ratio; on a CPU both
+run per-worker BN and GN on normlab's kernel (its status heads the table).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from normlab.engine.step import CudaGraphStep, TrainStep, compile_model  # noqa:
 from normlab.engine.memory_format import FORMATS, choose_memory_format  # noqa: E402
 from normlab.engine.runtime import resolve_precision  # noqa: E402
 from normlab.models import build_model  # noqa: E402
-from normlab.norms import PerWorkerBatchNorm2d  # noqa: E402
+from normlab.norms import PerWorkerBatchNorm2d, cpu_kernel  # noqa: E402
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 ZIP_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.zip"
@@ -227,6 +232,43 @@ def measure(loop, steps: int, warmup: int) -> float:
     return loop.run(steps)
 
 
+def compile_vs_eager(args, device: torch.device, images: np.ndarray, labels: np.ndarray) -> list[dict]:
+    """Each cell's step eager and compiled, in the same process, memory format and precision; rows with the ratio."""
+    formats = list(FORMATS) if args.channels_last == "auto" else [args.channels_last == "true"]
+    if device.type == "cpu":
+        print(f"per-worker BN and GN run on: {cpu_kernel.status()}\n")
+    print(f"{'model':10s} {'norm':5s} {'N':>3s} {'W':>3s} {'format':13s} {'eager img/s':>11s} {'compiled img/s':>14s} "
+          f"{'compiled/eager':>14s}  setting")
+    rows = []
+    for model, norm, n, w, channels_last in itertools.product(args.models, args.norms, args.per_worker, args.workers,
+                                                             formats):
+        loops = {mode: NormlabLoop(model, norm, n, w, images, labels, device, channels_last=channels_last,
+                                   compile=(args.compile or True) if mode == "compiled" else False)
+                 for mode in ("eager", "compiled")}
+        seconds = {mode: measure(loop, args.steps, args.warmup) for mode, loop in loops.items()}
+        for _ in range(args.rounds - 1):  # alternate, keep the best of each
+            seconds = {mode: min(t, loops[mode].run(args.steps)) for mode, t in seconds.items()}
+        ips = {mode: args.steps * n * w / t for mode, t in seconds.items()}
+        layout = FORMATS[channels_last]
+        print(f"{model:10s} {norm:5s} {n:3d} {w:3d} {layout:13s} {ips['eager']:11.0f} {ips['compiled']:14.0f} "
+              f"{ips['compiled'] / ips['eager']:13.2f}x  {loops['eager'].precision}")
+        rows.append({"model": model, "norm": norm, "per_worker": n, "workers": w, "memory_format": layout,
+                     "precision": loops["eager"].precision, "eager_img_s": round(ips["eager"], 3),
+                     "compiled_img_s": round(ips["compiled"], 3),
+                     "compiled_over_eager": round(ips["compiled"] / ips["eager"], 4)})
+        del loops
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {len(rows)} rows to {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet20"])
@@ -251,6 +293,8 @@ def main(argv=None) -> int:
                              "replays the compiled forward and backward as CUDA graphs (the alternative to --cuda-graph)")
     parser.add_argument("--skip-reference", action="store_true",
                         help="time normlab alone (for layout and CUDA-graph ablations); ratio columns stay empty")
+    parser.add_argument("--compile-vs-eager", action="store_true",
+                        help="time normlab's step eager and compiled instead (no reference loop, no CUDA graph)")
     parser.add_argument("--csv", type=Path, help="also write the rows to this CSV file")
     args = parser.parse_args(argv)
     if args.preset:
@@ -270,6 +314,11 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__} · {name} · data: {source} ({len(labels)} images) · "
           f"reference DataLoader workers: {cores}\n")
+    if args.compile_vs_eager:
+        rows = compile_vs_eager(args, device, images, labels)
+        if args.csv:
+            write_csv(args.csv, rows)
+        return 0
     header = ["model", "norm", "per_worker", "workers", "total_batch", "device", "normlab_setting",
               "normlab_img_s", "reference_img_s", "ratio", "other_format_img_s", "auto_vs_best_format",
               "normlab_peak_mb", "reference_peak_mb"]
@@ -316,12 +365,7 @@ def main(argv=None) -> int:
             del ref.iterator, ref.loader  # stops its DataLoader workers
         del ours, ref  # this cell's data, model and graph pool go before the next cell's memory mark
     if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"\nwrote {len(rows)} rows to {args.csv}")
+        write_csv(args.csv, rows)
     return 0
 
 

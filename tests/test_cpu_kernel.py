@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import ctypes
 import logging
 import os
 import stat
@@ -10,19 +12,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.norms import build_norm, cpu_kernel
+from normlab.norms import build_norm, cpu_kernel, kernel_library
 
-needs_compiler = pytest.mark.skipif(cpu_kernel.compiler() is None, reason="no C++ compiler on PATH")
+needs_compiler = pytest.mark.skipif(kernel_library.compiler() is None, reason="no C++ compiler on PATH")
 
 
 @pytest.fixture
 def fresh(tmp_path, monkeypatch):
     """An empty cache folder, and the kernel forgotten before and after."""
     monkeypatch.setenv("NORMLAB_CACHE", str(tmp_path))
-    cpu_kernel._library.cache_clear()
+    kernel_library.library.cache_clear()
     cpu_kernel._warn_once.cache_clear()
     yield tmp_path
-    cpu_kernel._library.cache_clear()
+    kernel_library.library.cache_clear()
     cpu_kernel._warn_once.cache_clear()
 
 
@@ -36,14 +38,14 @@ def test_the_kernel_is_built_into_the_cache_once_and_then_loaded(fresh):
     (built,) = (fresh / "kernels").glob("cpu_kernel-*.so")
     assert cpu_kernel.status() == built.name
     mtime = built.stat().st_mtime_ns
-    cpu_kernel._library.cache_clear()
+    kernel_library.library.cache_clear()
     assert cpu_kernel.usable(torch.zeros(1)) and built.stat().st_mtime_ns == mtime
     assert not [p for p in built.parent.iterdir() if p.name.startswith(".")]  # no partial build left behind
 
 
 @needs_compiler
 def test_a_library_others_may_write_is_rebuilt_not_loaded(fresh):
-    path = cpu_kernel.library_path(cpu_kernel.compiler())
+    path = kernel_library.library_path(kernel_library.compiler())
     path.parent.mkdir(parents=True)
     path.write_bytes(b"not a library")
     os.chmod(path, 0o666)
@@ -53,10 +55,10 @@ def test_a_library_others_may_write_is_rebuilt_not_loaded(fresh):
 
 @needs_compiler
 def test_the_library_name_changes_with_the_compiler_flags(monkeypatch):
-    cxx = cpu_kernel.compiler()
-    before = cpu_kernel.library_path(cxx)
-    monkeypatch.setattr(cpu_kernel, "FLAGS", (*cpu_kernel.FLAGS, "-DNORMLAB_TEST"))
-    assert cpu_kernel.library_path(cxx) != before
+    cxx = kernel_library.compiler()
+    before = kernel_library.library_path(cxx)
+    monkeypatch.setattr(kernel_library, "FLAGS", (*kernel_library.FLAGS, "-DNORMLAB_TEST"))
+    assert kernel_library.library_path(cxx) != before
 
 
 @pytest.mark.parametrize("cxx, reason", [("/nonexistent/c++", "no C++ compiler"), ("false", "failed")])
@@ -69,7 +71,7 @@ def test_without_a_working_compiler_per_worker_bn_runs_on_torchs_ops_and_says_wh
         y = bn(x)
         bn(x)
     assert reason in cpu_kernel.status()
-    assert len([r for r in caplog.records if "torch's kernels" in r.getMessage()]) == 1
+    assert len([r for r in caplog.records if "torch's ops" in r.getMessage()]) == 1
     torch.testing.assert_close(y, chunk_loop(x, bn.weight, bn.bias, 2))
 
 
@@ -199,7 +201,7 @@ def test_running_statistics_written_by_the_kernel_count_as_in_place_changes():
 
 @needs_compiler
 def test_a_damaged_cached_library_is_rebuilt(fresh):
-    path = cpu_kernel.library_path(cpu_kernel.compiler())
+    path = kernel_library.library_path(kernel_library.compiler())
     path.parent.mkdir(mode=0o700, parents=True)
     path.write_bytes(b"\x7fELF truncated")
     os.chmod(path, 0o755)
@@ -234,3 +236,100 @@ def test_several_blocks_per_sample_and_a_partial_channel_chunk_match_torch(units
     torch.testing.assert_close(y, y_ref)
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("units", [(4, 1), (1, 3)], ids=["per_worker_bn", "gn"])
+def test_the_ops_pass_torchs_opcheck(units, channels_last, dtype):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch, as torch.library checks them."""
+    x = torch.randn(8, 6, 5, 5).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(6) + 0.5, torch.randn(6)
+    torch.library.opcheck(cpu_kernel.norm_forward, (x.requires_grad_(), weight.requires_grad_(),
+                                                    bias.requires_grad_(), *units, 1e-5))
+    y, mean, var, invstd = cpu_kernel.norm_forward(x, weight, bias, *units, 1e-5)
+    torch.library.opcheck(cpu_kernel.norm_backward, (torch.randn_like(y), x.detach(), weight.detach(), mean, invstd,
+                                                     *units))
+    if units[1] == 1:
+        torch.library.opcheck(cpu_kernel.running_update, (torch.zeros(6), torch.ones(6), mean, var, 0.1, 100))
+
+
+@needs_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("name, options", [("bn", {"workers": 2}), ("gn", {"groups": 2})])
+def test_a_compiled_model_calls_the_kernel(monkeypatch, name, options):
+    """trainer.compile's torch.compile keeps the op in its graph: the kernel runs forward and backward, and the
+    compiled model matches the eager one."""
+    from normlab.engine.step import compile_model
+
+    calls = []
+    call = cpu_kernel._call
+    monkeypatch.setattr(cpu_kernel, "_call", lambda entry, *args: calls.append(entry) or call(entry, *args))
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), build_norm(name, 4, **options))
+    twin = copy.deepcopy(eager)
+    compiled = compile_model(twin)
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    y = compiled(x)
+    y.square().sum().backward()
+    assert {"normlab_norm_forward", "normlab_norm_backward"} <= set(calls), calls
+    calls.clear()
+    y_eager = eager(x)
+    y_eager.square().sum().backward()
+    assert "normlab_norm_forward" in calls  # eager takes the same kernel
+    torch.testing.assert_close(y, y_eager, atol=1e-5, rtol=1e-5)
+    for a, b in zip(eager.parameters(), twin.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
+    if name == "bn":
+        torch.testing.assert_close(twin[1].running_var, eager[1].running_var)
+
+
+@needs_compiler
+def test_a_library_whose_argument_lists_differ_is_refused_and_torch_takes_over(fresh, monkeypatch):
+    """The .cpp's normlab_kernel_abi() against the argument lists Python passes: a drift is a reason, not a call."""
+    signatures = {**kernel_library.SIGNATURES}
+    signatures["normlab_norm_forward"] = [*signatures["normlab_norm_forward"], ctypes.c_double]
+    monkeypatch.setattr(kernel_library, "SIGNATURES", signatures)
+    assert "differ from the ones normlab passes" in cpu_kernel.status()
+    bn = build_norm("bn", 3, workers=2)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(bn(x), chunk_loop(x, bn.weight, bn.bias, 2))
+
+
+@needs_compiler
+def test_a_symlinked_library_is_not_followed(fresh, tmp_path_factory):
+    """A link in the library's place, even to a good build, is not loaded through: it is replaced by a fresh build,
+    and the file it pointed to is left alone."""
+    path = kernel_library.library_path(kernel_library.compiler())
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "lib.so"
+    kernel_library.build(kernel_library.compiler(), elsewhere)
+    before = elsewhere.read_bytes()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.symlink_to(elsewhere)
+    assert cpu_kernel.usable(torch.zeros(1)), cpu_kernel.status()
+    assert not path.is_symlink() and elsewhere.read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["root", "kernels"])
+def test_a_cache_folder_others_may_write_is_refused(fresh, where):
+    folder = fresh if where == "root" else fresh / "kernels"
+    folder.mkdir(exist_ok=True)
+    os.chmod(folder, 0o777)
+    try:
+        assert not cpu_kernel.usable(torch.zeros(1))
+        assert "writable by others" in cpu_kernel.status() and str(folder) in cpu_kernel.status()
+        assert not list(fresh.glob("kernels/*.so"))
+    finally:
+        os.chmod(folder, 0o755)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="giving a folder to another user takes root")
+def test_a_cache_root_of_another_user_is_refused(fresh):
+    os.chown(fresh, 12345, -1)
+    try:
+        assert "owned by uid 12345" in cpu_kernel.status()
+    finally:
+        os.chown(fresh, 0, -1)

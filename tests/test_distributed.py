@@ -22,14 +22,14 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from normlab.data.device_loader import DeviceLoader, Normalize
 from normlab.data.stream_loader import StreamLoader
 from normlab.engine import dist
 from normlab.validation import check_world
 from normlab.errors import ConfigError
-from normlab.norms import PerWorkerBatchNorm2d
-from normlab.norms.batch import SyncBatchNorm2d
+from normlab.norms import PerWorkerBatchNorm2d, SyncBatchNorm2d, to_process_local_bn
 from normlab.records import read_metrics
 from tests.conftest import REPO
 
@@ -151,10 +151,9 @@ def _two_ranks(rank: int, port: int, out: str) -> None:
     y = sync(share)
     (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).view_as(y)).sum().backward()  # same on each rank
     grad_weight = dist.all_reduce_sum(sync.weight.grad.clone())
-    local = SyncBatchNorm2d(3).double().train()
-    with SyncBatchNorm2d.within_process():  # rank 0 alone, as in the memory-format probe: no collective, no wait
-        if rank == 0:
-            torch.testing.assert_close(local(x[:4]), F.batch_norm(x[:4], None, None, training=True))
+    local = to_process_local_bn(nn.Sequential(SyncBatchNorm2d(3))).double().train()
+    if rank == 0:  # rank 0 alone, as in the memory-format probe: no collective, no wait
+        torch.testing.assert_close(local(x[:4]), F.batch_norm(x[:4], None, None, training=True))
     failures = []
     for error in (ConfigError("bad key"), ZeroDivisionError("boom")):  # rank 0's failure reaches every rank
         def fail(error=error):

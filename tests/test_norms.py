@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.norms import NORMS, REGISTRY, WSConv2d, build_norm, cpu_kernel, standardize_convs
+from normlab.norms import NORMS, REGISTRY, WSConv2d, build_norm, cpu_kernel, standardize_convs, to_process_local_bn
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -27,7 +27,7 @@ def float64():
 
 @pytest.fixture(params=["kernel", "torch_ops"])
 def cpu_path(request, monkeypatch):
-    """Per-worker BN's two CPU implementations: normlab's kernel, and torch's ops (no compiler, torch.compile)."""
+    """Per-worker BN's two implementations on the CPU: normlab's kernel, and the portable path in torch's ops."""
     if request.param == "kernel" and not cpu_kernel.usable(torch.zeros(1)):
         pytest.skip(f"the CPU kernel is not built here: {cpu_kernel.status()}")
     if request.param == "torch_ops":
@@ -551,6 +551,27 @@ def test_batch_norms_use_running_statistics_in_eval(name):
     assert not torch.allclose(layer(x)[:1], single)
 
 
+def test_process_local_bn_is_torchs_bn_on_the_same_parameters_and_buffers():
+    """The memory-format probe's stand-in for SyncBN on rank 0 alone: plain BN, sharing what the layer holds."""
+    sync = randomize_affine(build_norm("syncbn", 3))
+    model = to_process_local_bn(nn.Sequential(sync, nn.ReLU()))
+    local = model[0]
+    assert type(local) is nn.BatchNorm2d and local.weight is sync.weight and local.running_mean is sync.running_mean
+    x = torch.randn(4, 3, 5, 5)
+    expected = F.batch_norm(x, sync.running_mean.clone(), sync.running_var.clone(), sync.weight, sync.bias,
+                            training=True)
+    torch.testing.assert_close(local(x), expected)
+    assert sync.num_batches_tracked.item() == 1
+
+
+def test_gns_default_group_count_is_the_protocols():
+    """norms know nothing of config or the protocol: the paper's G is written in both; they must agree."""
+    from normlab.norms import group
+    from normlab.protocol import DEFAULT_GROUPS
+
+    assert group.DEFAULT_GROUPS == DEFAULT_GROUPS == build_norm("gn", 64).num_groups
+
+
 # ---------------------------------------------------------------- Weight Standardization
 
 def test_ws_conv_standardizes_each_filter_as_the_paper_code_does():
@@ -571,6 +592,19 @@ def test_standardize_convs_converts_every_conv_and_keeps_weights():
     assert type(net[3]) is nn.Linear
     for key, value in original.state_dict().items():
         assert torch.equal(net.state_dict()[key], value)
+
+
+@pytest.mark.parametrize("padding, mode", [(1, "zeros"), (1, "reflect"), ((2, 1), "circular"),
+                                           ("same", "replicate"), ("valid", "reflect"), ("same", "zeros")])
+def test_ws_conv_pads_as_nn_conv2d_does_in_every_padding_mode(padding, mode):
+    """Against nn.Conv2d itself, given the standardized weight: the same padding, stride and dilation."""
+    conv = WSConv2d(3, 4, (3, 5), padding=padding, padding_mode=mode, dilation=(1, 2))
+    reference = nn.Conv2d(3, 4, (3, 5), padding=padding, padding_mode=mode, dilation=(1, 2))
+    with torch.no_grad():
+        reference.weight.copy_(conv.standardized_weight())
+        reference.bias.copy_(conv.bias)
+    x = torch.randn(2, 3, 9, 11)
+    torch.testing.assert_close(conv(x), reference(x))
 
 
 # ---------------------------------------------------------------- errors at build time

@@ -14,8 +14,7 @@ from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choos
 from normlab.engine.optim import Schedule, build_optimizer, build_schedule
 from normlab.engine.step import CudaGraphStep, TrainStep, compile_model
 from normlab.models import build_model
-from normlab.norms import norm_spec
-from normlab.norms.batch import SyncBatchNorm2d
+from normlab.norms import norm_spec, to_process_local_bn
 from normlab.run_spec import RunSpec
 
 
@@ -38,7 +37,7 @@ def choose_job_memory_format(spec: RunSpec, resume_state: dict | None) -> Format
     ranks = runtime.world.size
 
     def make_step(channels_last: bool) -> TrainStep:  # the step as the job runs it: compiled too, if it is
-        model = build_run_model(spec, shape, channels_last)
+        model = to_process_local_bn(build_run_model(spec, shape, channels_last))  # probed by rank 0 alone
         forward = compile_model(model) if runtime.compile else model
         return TrainStep(forward, build_optimizer(model, spec.optim, plan.lr), device=runtime.device,
                          precision=runtime.precision)
@@ -51,11 +50,10 @@ def choose_job_memory_format(spec: RunSpec, resume_state: dict | None) -> Format
                     batch=batch, precision=str(runtime.precision), image=(shape.channels, shape.size),
                     compiled=runtime.compile)
 
-    def probe() -> FormatChoice:  # on rank 0 alone, so synced BN must not wait for the other ranks
-        with SyncBatchNorm2d.within_process():
-            return choose_memory_format(runtime.channels_last, make_step, classes=shape.num_classes,
-                                        device=runtime.device, shape=(rank_batch, shape.channels, shape.size,
-                                                                      shape.size), key=key, job_steps=job_steps)
+    def probe() -> FormatChoice:  # on rank 0 alone: its models' synced BN is process-local (make_step)
+        return choose_memory_format(runtime.channels_last, make_step, classes=shape.num_classes,
+                                    device=runtime.device, shape=(rank_batch, shape.channels, shape.size, shape.size),
+                                    key=key, job_steps=job_steps)
 
     return dist.on_main(probe)
 

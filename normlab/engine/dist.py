@@ -114,10 +114,10 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 
     from torch.nn.parallel import DistributedDataParallel
 
-    from normlab.norms.batch import SyncBatchNorm2d
+    from normlab.norms import to_torch_sync_bn
 
     if device.type == "cuda":
-        SyncBatchNorm2d.use_torch_sync(model)
+        to_torch_sync_bn(model)
     no_sync = ({"forward_sync_buffers": False}  # torch >= 2.14's name; broadcast_buffers before it
                if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                else {"broadcast_buffers": False})
@@ -165,7 +165,7 @@ def average_buffers(model: nn.Module) -> None:
     """Every floating-point buffer (BN's running statistics) replaced by its mean over the ranks.
 
     Each rank keeps the EMA of its own workers' statistics; the update is linear, so their mean is the one
-    buffer a single process simulating all W workers keeps (norms/batch.py). Step counts agree already.
+    buffer a single process simulating all W workers keeps (norms/per_worker_bn.py). Step counts agree already.
     """
     size = current().size
     buffers = [b for b in model.buffers() if b.is_floating_point()]

@@ -3,8 +3,9 @@
 // statistics, a unit being a worker's N samples of one channel (per-worker BN: N samples x 1 channel) or one
 // sample's group of C/G channels (GN: 1 sample x C/G channels).
 //
-// Plain C++ with OpenMP and no torch headers, so that it compiles in about a second (normlab/norms/cpu_kernel.py
-// builds it on first use and falls back to torch's ops without a compiler). Every pass reads memory in order:
+// Plain C++ with OpenMP and no torch headers, so that it compiles in about a second (normlab/norms/kernel_library.py
+// builds it on first use; normlab/norms/cpu_kernel.py registers it as torch ops, and falls back to torch's ops
+// without it). Every pass reads memory in order:
 //   NCHW:          a block is one (sample, channel) plane of H*W contiguous values;
 //   channels_last: a block is a run of rows of C contiguous values within one sample.
 // Each block's mean and sum of squared deviations are taken in two passes over the block (it is in cache by the
@@ -196,11 +197,9 @@ void block_grad(const T* g, const T* x, T* gx, int64_t n, int64_t lanes, const A
 }
 
 // y = x*scale + shift per (sample, channel): scale = invstd[unit]*weight[c], shift = bias[c] - mean[unit]*scale.
-// running_mean/var (per-worker BN, units of one channel; null to skip): torch's BN update with `factor`, from the
-// workers' batch means and unbiased variances averaged (see PerWorkerBatchNorm2d).
 template <typename T, typename Acc>
-void forward(const T* x, T* y, const Acc* weight, const Acc* bias, Acc* mean, Acc* var, Acc* invstd, Acc* running_mean,
-             Acc* running_var, double factor, const Layout& l, double eps, int threads) {
+void forward(const T* x, T* y, const Acc* weight, const Acc* bias, Acc* mean, Acc* var, Acc* invstd, const Layout& l,
+             double eps, int threads) {
   const int64_t lanes = l.lanes(), C = l.channels;
   std::vector<Acc> block_mean(l.blocks() * lanes), block_m2(l.blocks() * lanes);
   for_each_block(l, threads, [&](int64_t t, int64_t at, int64_t n) {
@@ -219,17 +218,6 @@ void forward(const T* x, T* y, const Acc* weight, const Acc* bias, Acc* mean, Ac
     const double v = q[u] / l.unit_count();
     mean[u] = Acc(m[u]), var[u] = Acc(v), invstd[u] = Acc(1.0 / std::sqrt(v + eps));
   }
-  if (running_mean) {
-    const int64_t groups = l.samples / l.unit_samples;
-    const double unbiased = l.unit_count() / (l.unit_count() - 1);
-    for (int64_t c = 0; c < C; ++c) {
-      double batch_mean = 0, batch_var = 0;
-      for (int64_t w = 0; w < groups; ++w) batch_mean += mean[w * C + c], batch_var += var[w * C + c];
-      batch_mean /= groups, batch_var *= unbiased / groups;
-      running_mean[c] = Acc(running_mean[c] + factor * (batch_mean - running_mean[c]));
-      running_var[c] = Acc(running_var[c] + factor * (batch_var - running_var[c]));
-    }
-  }
   std::vector<Acc> scale(l.samples * C), shift(l.samples * C);
   for (int64_t s = 0; s < l.samples; ++s)
     for (int64_t c = 0; c < C; ++c) {
@@ -240,6 +228,21 @@ void forward(const T* x, T* y, const Acc* weight, const Acc* bias, Acc* mean, Ac
   for_each_block(l, threads, [&](int64_t t, int64_t at, int64_t n) {
     block_affine(x + at, y + at, n, lanes, scale.data() + l.coefficient(t), shift.data() + l.coefficient(t));
   });
+}
+
+// torch's BN update of running_mean/var with `factor`, from per-worker BN's (workers, C) batch means and biased
+// variances over `count` values each: the workers' means and unbiased variances averaged (see PerWorkerBatchNorm2d).
+template <typename Acc>
+void running_update(const Acc* mean, const Acc* var, Acc* running_mean, Acc* running_var, double factor,
+                    int64_t groups, int64_t C, double count) {
+  const double unbiased = count / (count - 1);
+  for (int64_t c = 0; c < C; ++c) {
+    double batch_mean = 0, batch_var = 0;
+    for (int64_t w = 0; w < groups; ++w) batch_mean += mean[w * C + c], batch_var += var[w * C + c];
+    batch_mean /= groups, batch_var *= unbiased / groups;
+    running_mean[c] = Acc(running_mean[c] + factor * (batch_mean - running_mean[c]));
+    running_var[c] = Acc(running_var[c] + factor * (batch_var - running_var[c]));
+  }
 }
 
 // With x_hat = (x - mean)*invstd, A = sum over the unit of weight*g and B = sum of weight*g*x_hat:
@@ -290,19 +293,25 @@ void backward(const T* g, const T* x, T* gx, const Acc* weight, const Acc* mean,
 // Statistics (mean, var, invstd) per unit, in unit order: (S / unit_samples, C / unit_channels).
 extern "C" {
 
+// The entry points' argument lists, as normlab/norms/cpu_kernel.py checks them before the first call (i int,
+// q int64_t, d double, p pointer). Change it with any prototype below.
+const char* normlab_kernel_abi() {
+  return "normlab_norm_forward(i,p,p,p,p,p,p,p,q,q,q,q,q,i,d,i);"
+         "normlab_norm_backward(i,p,p,p,p,p,p,p,p,q,q,q,q,q,i,i);"
+         "normlab_running_update(i,p,p,p,p,d,q,q,d)";
+}
+
 int normlab_norm_forward(int dtype, const void* x, void* y, const void* weight, const void* bias, void* mean,
-                         void* var, void* invstd, void* running_mean, void* running_var, double factor,
-                         int64_t samples, int64_t channels, int64_t plane, int64_t unit_samples,
-                         int64_t unit_channels, int channels_last, double eps, int threads) {
+                         void* var, void* invstd, int64_t samples, int64_t channels, int64_t plane,
+                         int64_t unit_samples, int64_t unit_channels, int channels_last, double eps, int threads) {
   const Layout l{samples, channels, plane, unit_samples, unit_channels, channels_last != 0};
-  if (running_mean && unit_channels != 1) return 2;
   using F = float;
   using D = double;
   using B16 = uint16_t;
   switch (dtype) {
-    case 0: forward((const F*)x, (F*)y, (const F*)weight, (const F*)bias, (F*)mean, (F*)var, (F*)invstd, (F*)running_mean, (F*)running_var, factor, l, eps, threads); return 0;
-    case 1: forward((const B16*)x, (B16*)y, (const F*)weight, (const F*)bias, (F*)mean, (F*)var, (F*)invstd, (F*)running_mean, (F*)running_var, factor, l, eps, threads); return 0;
-    case 2: forward((const D*)x, (D*)y, (const D*)weight, (const D*)bias, (D*)mean, (D*)var, (D*)invstd, (D*)running_mean, (D*)running_var, factor, l, eps, threads); return 0;
+    case 0: forward((const F*)x, (F*)y, (const F*)weight, (const F*)bias, (F*)mean, (F*)var, (F*)invstd, l, eps, threads); return 0;
+    case 1: forward((const B16*)x, (B16*)y, (const F*)weight, (const F*)bias, (F*)mean, (F*)var, (F*)invstd, l, eps, threads); return 0;
+    case 2: forward((const D*)x, (D*)y, (const D*)weight, (const D*)bias, (D*)mean, (D*)var, (D*)invstd, l, eps, threads); return 0;
   }
   return 1;
 }
@@ -318,6 +327,16 @@ int normlab_norm_backward(int dtype, const void* g, const void* x, void* gx, con
     case 0: backward((const F*)g, (const F*)x, (F*)gx, (const F*)weight, (const F*)mean, (const F*)invstd, (F*)grad_weight, (F*)grad_bias, l, threads); return 0;
     case 1: backward((const B16*)g, (const B16*)x, (B16*)gx, (const F*)weight, (const F*)mean, (const F*)invstd, (F*)grad_weight, (F*)grad_bias, l, threads); return 0;
     case 2: backward((const D*)g, (const D*)x, (D*)gx, (const D*)weight, (const D*)mean, (const D*)invstd, (D*)grad_weight, (D*)grad_bias, l, threads); return 0;
+  }
+  return 1;
+}
+
+// stat_dtype: 0 float32, 2 float64. mean and var are (workers, channels); the buffers (channels,).
+int normlab_running_update(int stat_dtype, const void* mean, const void* var, void* running_mean, void* running_var,
+                           double factor, int64_t workers, int64_t channels, double count) {
+  switch (stat_dtype) {
+    case 0: running_update((const float*)mean, (const float*)var, (float*)running_mean, (float*)running_var, factor, workers, channels, count); return 0;
+    case 2: running_update((const double*)mean, (const double*)var, (double*)running_mean, (double*)running_var, factor, workers, channels, count); return 0;
   }
   return 1;
 }

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms.batch import check_workers, for_statistics, per_sample, worker_moments
 from normlab.norms.group import resolve_groups
+from normlab.norms.worker_stats import check_workers, for_statistics, per_sample, worker_moments
 
 
 def _channel_param(num_channels: int, value: float) -> nn.Parameter:

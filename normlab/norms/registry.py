@@ -15,10 +15,12 @@ from typing import Any
 
 from torch import nn
 
-from normlab.norms.batch import BatchRenorm2d, PerWorkerBatchNorm2d, SyncBatchNorm2d
+from normlab.norms.batch_renorm import BatchRenorm2d
 from normlab.norms.evo import EvoNormB0, EvoNormS0
 from normlab.norms.group import NormChannelError, group_norm, instance_norm, layer_norm
+from normlab.norms.per_worker_bn import PerWorkerBatchNorm2d
 from normlab.norms.response import FilterResponseNorm2d
+from normlab.norms.sync_bn import SyncBatchNorm2d
 from normlab.options import accepted_options, check_options
 
 

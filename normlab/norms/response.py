@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from normlab.norms.batch import for_statistics
+from normlab.norms.worker_stats import for_statistics
 
 
 class FilterResponseNorm2d(nn.Module):

@@ -8,6 +8,7 @@ GroupNorm in ``gn_ws``; :func:`standardize_convs` converts a built model's convs
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -21,7 +22,22 @@ class WSConv2d(nn.Conv2d):
         return (self.weight - mean) / (std + self.ws_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.standardized_weight(), self.bias)
+        weight, padding = self.standardized_weight(), self.padding
+        if self.padding_mode != "zeros":  # reflect, replicate, circular: pad first, as nn.Conv2d does
+            x, padding = F.pad(x, self.pad_widths(), mode=self.padding_mode), 0
+        return F.conv2d(x, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def pad_widths(self) -> tuple[int, int, int, int]:
+        """(left, right, top, bottom): the padding as ``F.pad`` takes it ('same': torch's split, extra on the
+        right and bottom)."""
+        if self.padding == "valid":
+            return 0, 0, 0, 0
+        if self.padding == "same":
+            (top, bottom), (left, right) = ((d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                                            for d, k in zip(self.dilation, self.kernel_size))
+            return left, right, top, bottom
+        height, width = self.padding
+        return width, width, height, height
 
 
 def standardize_convs(module: nn.Module) -> nn.Module:
