@@ -275,3 +275,15 @@ def test_under_a_fixed_total_batch_bn_sees_the_normalization_batch(tiny, tmp_pat
         train(tiny("norm=bn", f"batch.per_worker={n}", *FIXED_TOTAL), tmp_path / f"N{n}")
     losses = {n: [row["train_loss"] for row in read_metrics(tmp_path / f"N{n}" / "metrics.jsonl")] for n in (8, 2)}
     assert losses[8] != losses[2]
+
+
+def test_a_job_drops_a_wandb_service_another_process_started(monkeypatch):
+    """WANDB_SERVICE names the process that started the service: a job keeps its own, forgets an inherited one."""
+    from normlab.loggers.wandb import SERVICE_TOKEN, drop_inherited_service
+
+    monkeypatch.setenv(SERVICE_TOKEN, f"3-{os.getpid()}-unix-/tmp/wandb-own/socket")
+    drop_inherited_service()
+    assert os.environ[SERVICE_TOKEN].startswith(f"3-{os.getpid()}-")
+    monkeypatch.setenv(SERVICE_TOKEN, f"3-{os.getppid()}-tcp-localhost-4242")
+    drop_inherited_service()
+    assert SERVICE_TOKEN not in os.environ

@@ -37,7 +37,19 @@ def history_and_ids(log_file):
     return epochs, ids, artifacts
 
 
-def test_a_killed_and_resumed_job_is_one_wandb_run_with_every_epoch_once(tmp_path):
+@pytest.fixture
+def inherited_wandb_service():
+    """A W&B service started by this (the launching) process, its token in the environment the jobs inherit:
+    what any earlier in-process W&B run leaves behind (in CI, test_train's)."""
+    import wandb
+
+    wandb.setup()
+    assert os.environ.get("WANDB_SERVICE")
+    yield
+    wandb.teardown()
+
+
+def test_a_killed_and_resumed_job_is_one_wandb_run_with_every_epoch_once(tmp_path, inherited_wandb_service):
     run_dir = tmp_path / "job"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     proc = subprocess.Popen([sys.executable, "-m", "normlab.train", *JOB, f"hydra.run.dir={run_dir}"], cwd=REPO,

@@ -8,6 +8,9 @@
 - The epoch is every metric's step (``define_metric``); the error metrics' summaries are their minimum while the
   run goes, and at the end the run's summary is ``summary.json`` (``val_error`` the final one, ``best_val_error``
   the minimum), as ``normlab-report --wandb`` reads it.
+- A job owns its W&B service. A service token inherited from the launching process (``WANDB_SERVICE``, left by
+  any W&B run in that process) is dropped: in a shared service a killed attempt's stream stays open, and the
+  resumed attempt's records would never reach its own log.
 - At the end the run's records (the resolved ``config.yaml``, ``summary.json``, ``metrics.jsonl``) are logged
   as an artifact; an online run's URL is logged when it starts.
 
@@ -42,6 +45,16 @@ def run_state(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8] + secrets.token_hex(4), []
 
 
+SERVICE_TOKEN = "WANDB_SERVICE"  # W&B's "<version>-<pid of the process that started it>-<transport>-<address>"
+
+
+def drop_inherited_service() -> None:
+    """Forget a W&B service that another process started; one this process started is kept."""
+    fields = os.environ.get(SERVICE_TOKEN, "").split("-")
+    if len(fields) > 1 and fields[1] != str(os.getpid()):
+        del os.environ[SERVICE_TOKEN]
+
+
 class WandbLogger:
     def __init__(self, cfg, run_dir, resolved_config: dict[str, Any], run_name: str) -> None:
         self.run, self.run_dir, self.defined = None, Path(run_dir), set()
@@ -50,6 +63,7 @@ class WandbLogger:
 
             run_id, resumed = run_state(self.run_dir)
             os.environ.setdefault("WANDB_SILENT", "true")
+            drop_inherited_service()
             self.run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=resolved_config.get("name"),
                 job_type=resolved_config["norm"]["name"], name=run_name, config=resolved_config,
