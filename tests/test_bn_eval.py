@@ -43,12 +43,23 @@ def test_batch_statistics_normalize_each_chunk_of_n_test_images_by_its_own(per_w
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
     x = torch.randn(batch, 3, 4, 4, dtype=torch.float64) * 2 + 1
-    with bn_eval.batch_statistics(layer, per_worker):
-        y = layer(x)
+    y = bn_eval.with_batch_statistics(layer, per_worker)(x)
     expected = torch.cat([F.batch_norm(c, None, None, layer.weight, layer.bias, training=True, eps=layer.eps)
                           for c in x.split(per_worker)])
     torch.testing.assert_close(y, expected)
-    assert layer.eval_chunk is None  # the context ends it
+
+
+def test_a_model_with_batch_statistics_is_a_copy_and_the_model_is_untouched():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), build_norm("bn", 4, workers=3), nn.ReLU(), build_norm("bn", 4, workers=3))
+    model.train()
+    chunked = bn_eval.with_batch_statistics(model, 2)
+    assert [type(m).__name__ for m in model] == ["Conv2d", "PerWorkerBatchNorm2d", "ReLU", "PerWorkerBatchNorm2d"]
+    assert model.training and not chunked.training
+    assert [type(m).__name__ for m in chunked][1::2] == ["ChunkStatisticsBatchNorm2d"] * 2
+    x = torch.randn(6, 3, 4, 4)
+    with torch.no_grad():
+        expected = model(x)  # train mode, 3 workers: each chunk of 2 images by its own statistics
+    torch.testing.assert_close(chunked(x), expected)
 
 
 def test_precise_and_batch_evaluations_leave_the_running_statistics_exactly_as_they_were():

@@ -19,6 +19,7 @@ place (a CUDA graph keeps reading the same tensors), so training goes on as if n
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,7 @@ from normlab.engine import dist
 from normlab.engine.loop import evaluate
 from normlab.engine.step import autocast
 from normlab.norms import PerWorkerBatchNorm2d
+from normlab.norms.per_worker_bn import ChunkStatisticsBatchNorm2d
 
 MODES = ("ema", "precise", "batch")
 
@@ -70,17 +72,18 @@ def precise_statistics(model: nn.Module, batches: Iterable, steps: int, *, devic
     model.train(was_training)
 
 
-@contextlib.contextmanager
-def batch_statistics(model: nn.Module, per_worker: int) -> Iterator[None]:
-    """In eval mode, every BN layer normalizes each chunk of `per_worker` images by that chunk's statistics."""
-    layers = bn_layers(model)
-    for layer in layers:
-        layer.eval_chunk = per_worker
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.eval_chunk = None
+def with_batch_statistics(model: nn.Module, per_worker: int) -> nn.Module:
+    """A copy of `model` in eval mode whose BN layers normalize each chunk of `per_worker` images by that chunk's
+    statistics (:class:`ChunkStatisticsBatchNorm2d`); `model` itself is left as it was."""
+    if model in bn_layers(model):
+        return ChunkStatisticsBatchNorm2d(model, per_worker).eval()
+    chunked = copy.deepcopy(model).eval()
+    layers = set(bn_layers(chunked))
+    for parent in list(chunked.modules()):
+        for name, child in list(parent.named_children()):
+            if child in layers:
+                setattr(parent, name, ChunkStatisticsBatchNorm2d(child, per_worker))
+    return chunked
 
 
 def precise_steps(images: int, total_batch: int) -> int:
@@ -101,5 +104,4 @@ def evaluate_bn(mode: str, model: nn.Module, test_batches: Iterable, *, train_ba
             precise_statistics(model, train_batches, precise_steps(precise_images, total_batch), device=device,
                                precision=precision)
             return evaluate(model, test_batches, device=device, precision=precision)
-    with batch_statistics(model, per_worker):  # eval mode: the running statistics are neither read nor written
-        return evaluate(model, test_batches, device=device, precision=precision)
+    return evaluate(with_batch_statistics(model, per_worker), test_batches, device=device, precision=precision)

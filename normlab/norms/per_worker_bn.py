@@ -120,11 +120,7 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, workers={self.workers}"
 
-    eval_chunk: int | None = None  # set (engine.bn_eval): in eval mode, each chunk of this many images by its own stats
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.eval_chunk:
-            return self._chunk_statistics(x, self.eval_chunk)
         uses_batch_stats = self.training or not self.track_running_stats
         if not uses_batch_stats:
             return super().forward(x)
@@ -134,11 +130,21 @@ class PerWorkerBatchNorm2d(nn.BatchNorm2d):
         running = self if self.training and self.track_running_stats else None
         return per_worker_batch_norm(x, self.weight, self.bias, self.workers, self.eps, running)[0]
 
-    def _chunk_statistics(self, x: torch.Tensor, per_chunk: int) -> torch.Tensor:
-        """Each chunk of `per_chunk` images normalized by its own statistics (a last, smaller chunk by its own);
-        the running statistics are neither read nor updated."""
-        full = x.shape[0] // per_chunk * per_chunk
-        parts = [(x[:full], full // per_chunk)] * bool(full) + [(x[full:], 1)] * (full < x.shape[0])
-        outs = [per_worker_batch_norm(part, self.weight, self.bias, chunks, self.eps)[0]
-                for part, chunks in parts]
+
+class ChunkStatisticsBatchNorm2d(nn.Module):
+    """A BN layer's stand-in at test time (``eval.bn_stats=batch``): each chunk of `per_chunk` images normalized
+    by its own statistics, as training normalized each worker's, with the layer's own γ and β (a last, smaller
+    chunk by its own). No running statistics are read or written."""
+
+    def __init__(self, layer: nn.BatchNorm2d, per_chunk: int) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps, self.per_chunk = layer.weight, layer.bias, layer.eps, per_chunk
+
+    def extra_repr(self) -> str:
+        return f"per_chunk={self.per_chunk}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        full = x.shape[0] // self.per_chunk * self.per_chunk
+        parts = [(x[:full], full // self.per_chunk)] * bool(full) + [(x[full:], 1)] * (full < x.shape[0])
+        outs = [per_worker_batch_norm(part, self.weight, self.bias, chunks, self.eps)[0] for part, chunks in parts]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
