@@ -15,7 +15,12 @@ first, so none runs twice, and each run that finishes is copied there (config.ya
 summary.json; no checkpoints) and committed in that checkout, those paths only. Parts, in order: the map at 5, 10, 20
 and 40 epochs, seed 0 then seed 1; its 80-epoch extension (--extend, only if the README's rule asks for it);
 the Figure 1 grid at --grid-epochs (the budget the README's rule gave), its ablation of groups last.
-Run it from a git worktree at the study's commit: the normlab next to this script runs (python -m).
+The jobs run the normlab of `--study`, a git worktree at the study's commit S (default: this script's own
+checkout). This script only schedules, so main's copy may drive a worktree at S:
+
+    git worktree add --detach ../study cb1d2df
+    NORMLAB_CIFAR10_JPEG=... python scripts/reproduce_cifar10_resnet20.py --study ../study --epoch-seconds 260 \
+        --published results/reference/cifar10_resnet20/runs --hours 2.7
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ROOT / "results" / "cifar10_resnet20" / "study"
+SWEEP = Path("results") / "cifar10_resnet20" / "study"  # in the study's checkout (--study)
 KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
 FINAL = ("done", "diverged")
 MAP_BUDGETS = (5, 10, 20, 40)
@@ -110,16 +115,25 @@ def seconds_per_epoch(sweep: Path, default: float) -> float:
     return max(rates) if rates else default
 
 
+def planning_rate(sweep: Path, given: float | None) -> float:
+    """Seconds per epoch to plan with: the one given (measured on a quiet machine), else the slowest measured."""
+    return given if given is not None else seconds_per_epoch(sweep, 95.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hours", type=float, default=None, help="time left in this stretch (default: no limit)")
     parser.add_argument("--slots", type=int, default=2, help="one-thread jobs at a time")
-    parser.add_argument("--sweep", type=Path, default=SWEEP, help="the sweep folder (git-ignored)")
+    parser.add_argument("--study", type=Path, default=ROOT, help="the checkout at the study's commit S whose normlab "
+                        "runs the jobs (default: this script's; the scheduling here never changes a run's numbers)")
+    parser.add_argument("--sweep", type=Path, help="the sweep folder (default: results/cifar10_resnet20/study in "
+                        "--study, git-ignored)")
     parser.add_argument("--published", type=Path, help="main's runs/ folder: copied in first, each finished run "
                         "copied out and committed")
     parser.add_argument("--extend", action="store_true", help="the map's 80-epoch runs (the README's rule)")
     parser.add_argument("--grid-epochs", type=int, help="the Figure 1 grid's budget (the README's rule)")
-    parser.add_argument("--epoch-seconds", type=float, default=95.0, help="per-epoch estimate before any run")
+    parser.add_argument("--epoch-seconds", type=float, help="seconds per epoch to plan with (default: the slowest "
+                        "finished run's, which a run on a loaded machine inflates)")
     parser.add_argument("--nice", type=int, default=5, help="the jobs' niceness (numbers do not depend on it)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is left, run nothing")
     parser.add_argument("extra", nargs="*", help="overrides given to every job (tests only: they change the runs)")
@@ -129,6 +143,8 @@ def main() -> int:
         print("reproduce: NORMLAB_CIFAR10_JPEG is not set: point it at cifar10-jpeg.zip", file=sys.stderr)
         return 2
     deadline = None if args.hours is None else time.time() + args.hours * 3600
+    args.study = args.study.resolve()
+    args.sweep = args.sweep or args.study / SWEEP
     args.sweep.mkdir(parents=True, exist_ok=True)
     if args.published is not None:
         args.published.mkdir(parents=True, exist_ok=True)
@@ -167,7 +183,7 @@ def main() -> int:
             if ok and args.published is not None:
                 copy_finished(args.sweep, args.published)
                 commit(args.published, f"cifar10_resnet20 study: publish finished runs (latest {name})")
-        rate = seconds_per_epoch(args.sweep, args.epoch_seconds)
+        rate = planning_rate(args.sweep, args.epoch_seconds)
         while not stop and pending and len(running) < args.slots:
             left = float("inf") if deadline is None else deadline - time.time()
             fits = [j for j in pending if 1.1 * j["epochs"] * rate + 120 <= left]
@@ -181,7 +197,7 @@ def main() -> int:
                        f"hydra.run.dir='{args.sweep / name}'"]
             log = open(logs / f"{name}.log", "a")
             print(f"{time.strftime('%H:%M')} start: {shlex.join(command[3:-1])}", flush=True)
-            running[subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            running[subprocess.Popen(command, cwd=args.study, stdout=log, stderr=subprocess.STDOUT,
                                      preexec_fn=lambda: os.nice(args.nice))] = j
         if not running:
             break

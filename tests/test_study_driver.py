@@ -3,6 +3,8 @@ only finished runs' records between the sweep and the published runs/."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 from tests.conftest import REPO, TINY, run_cli
 
@@ -46,3 +48,24 @@ def test_only_finished_runs_are_copied_and_never_their_checkpoints(tmp_path):
     assert sorted(p.name for p in (published / "a").iterdir()) == ["config.yaml", "metrics.jsonl", "summary.json"]
     assert not (published / "b").exists() and not (published / "c").exists()
     assert driver.copy_finished(sweep, published) == 0  # already there
+
+
+def test_the_plan_uses_the_given_epoch_time_else_the_slowest_finished_runs(tmp_path):
+    for name, wall, epochs in (("slow", 4800, 5), ("quiet", 2500, 10), ("running", 10, 1)):
+        (tmp_path / name).mkdir()
+        status = "done" if name != "running" else "running"
+        (tmp_path / name / "summary.json").write_text(json.dumps({"status": status, "wall_time_s": wall,
+                                                                  "epochs": epochs}))
+    assert driver.planning_rate(tmp_path, None) == 960.0
+    assert driver.planning_rate(tmp_path, 260.0) == 260.0
+
+
+def test_the_driver_reads_the_study_checkout_it_is_given(tmp_path):
+    sweep = tmp_path / "study" / "results" / "cifar10_resnet20" / "study"
+    job = driver.plan(extend=False, grid_epochs=None)[0]
+    (sweep / driver.folder_name(job["overrides"])).mkdir(parents=True)
+    (sweep / driver.folder_name(job["overrides"]) / "summary.json").write_text(json.dumps({"status": "done"}))
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
+                             str(tmp_path / "study"), "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "24 jobs planned, 1 finished, 23 to run" in result.stdout
