@@ -294,6 +294,18 @@ def test_every_yaml_default_equals_its_schemas(path):
     assert not differing, f"conf/{path} differs from its schema (yaml, schema): {differing}"
 
 
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO / "conf").as_posix() for group in CHOICE_GROUPS
+                                        for p in (REPO / "conf" / group).glob("*.yaml")))
+def test_a_choice_file_sets_only_keys_its_schema_has(path):
+    """A model or data file's values are the option itself (a differing value is the choice, an equal one
+    repeats the default exactly); what it cannot do is set a key the schema does not know."""
+    from normlab.settings import schema_defaults
+
+    group = path.split("/")[0]
+    unknown = set(_yaml(REPO / "conf" / path)) - set(schema_defaults("bn")[group])
+    assert not unknown, f"conf/{path} sets keys its schema does not have: {sorted(unknown)}"
+
+
 def test_train_yaml_repeats_the_schema_defaults_exactly():
     from normlab.settings import TrainConfig, schema_defaults
 
