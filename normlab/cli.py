@@ -4,6 +4,7 @@
     normlab-report results/a results/b --out report/
     normlab-report results/reference/cifar10_small/runs.csv
     normlab-report --wandb ENTITY/PROJECT --out report/
+    normlab-report results/my_sweep --attach ENTITY/PROJECT/RUN_ID   # also onto that W&B run (the sweep's summary)
 
 The metric: --metric, else the study's reading.yaml beside its runs.csv (or in its folder), else the median of
 the last 5 evaluations where every run has 5 at its final learning rate, else the final evaluation. The report
@@ -31,7 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--metric", choices=list(RUN_METRICS),
                         help="the error to tabulate (default: the study's reading.yaml, else chosen from the runs)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read runs back from W&B")
+    parser.add_argument("--attach", metavar="ENTITY/PROJECT/RUN_ID",
+                        help="log the report's figures and files to this W&B run (WANDB_MODE applies)")
     args = parser.parse_args(argv)
+    if args.attach is not None and (len(args.attach.split("/")) != 3 or not all(args.attach.split("/"))):
+        parser.error(f"--attach {args.attach!r}: expected ENTITY/PROJECT/RUN_ID, as in the run's W&B URL")
     if not args.paths and not args.wandb:
         parser.error("give at least one PATH, or --wandb ENTITY/PROJECT")
     for path in args.paths:
@@ -74,8 +79,32 @@ def main(argv=None) -> int:
     counts = runs["status"].fillna("unknown").value_counts().to_dict()
     print(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in counts.items())}) → {args.out}")
     print(f"  metric: {chosen.metric} ({chosen.chosen_by})" + (f"; beware: {chosen.caveat}" if chosen.caveat else ""))
-    for path in sorted({p for files in written.values() for p in files}):
+    files = sorted({p for files in written.values() for p in files})
+    for path in files:
         print(f"  {path}")
+    return attach(args.attach, files, args.out) if args.attach else 0
+
+
+def attach(run_path: str, files: list[Path], out: Path) -> int:
+    """The report's files onto the W&B run of that id (resumed: the sweep's summary run, say); the report on disk
+    stays either way."""
+    entity, project, run_id = run_path.split("/")
+    try:
+        import wandb
+
+        from normlab.loggers.wandb_sweep import attach_files
+
+        run = wandb.init(entity=entity, project=project, id=run_id, resume="allow", dir=str(out),
+                         job_type="summary", reinit="finish_previous")
+        try:
+            attach_files(run, files)
+        finally:
+            run.finish()
+    except Exception as e:  # noqa: BLE001 - any W&B failure: one line, the report is written
+        print(f"normlab-report: could not attach the report to W&B run {run_path} ({type(e).__name__}: {e}); "
+              f"the report is in {out}", file=sys.stderr)
+        return 1
+    print(f"  attached to W&B run {run_path}")
     return 0
 
 

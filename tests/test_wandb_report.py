@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 from omegaconf import OmegaConf
 
 from normlab.analysis.wandb_source import collect_wandb
-from tests.conftest import read_wandb_records, record_key
+from tests.conftest import REPO, read_wandb_records, record_key
 from tests.test_report import fake_run
 
 
@@ -83,3 +86,33 @@ def test_sweep_summary_callback_is_silent_without_wandb_logger(tmp_path):
     config = OmegaConf.create({"name": "x", "logger": {"name": "none"}, "hydra": {"sweep": {"dir": str(tmp_path)}}})
     WandbSweepSummary().on_multirun_end(config)
     assert not (tmp_path / "wandb").exists()
+
+
+def run_report(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "normlab.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_normlab_report_attaches_its_report_to_a_wandb_run_offline(tmp_path):
+    pytest.importorskip("wandb")
+    for n, error in ((32, 10.0), (2, 20.0)):
+        fake_run(tmp_path / "sweep", f"bn{n}", "bn", n, 0, error)
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    env.pop("WANDB_SERVICE", None)
+    result = run_report(str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--attach", "me/normlab/abc123",
+                        env=env)
+    assert result.returncode == 0, result.stderr
+    assert "attached to W&B run me/normlab/abc123" in result.stdout
+    (run_dir,) = (tmp_path / "report" / "wandb").glob("offline-run-*-abc123")
+    records = read_wandb_records(next(run_dir.glob("*.wandb")))
+    logged = {record_key(i) for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
+    assert "report/fig_batch_size/_type" in logged
+    artifacts = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.type, a.name) for a in artifacts] == [("report", "report-abc123")]
+
+
+@pytest.mark.parametrize("bad", ["me/normlab", "me//abc", "a/b/c/d"])
+def test_an_attach_path_that_is_not_entity_project_run_is_refused_before_any_work(tmp_path, bad):
+    result = run_report(str(tmp_path), "--attach", bad)
+    assert result.returncode == 2 and f"--attach {bad!r}: expected ENTITY/PROJECT/RUN_ID" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "report").exists()

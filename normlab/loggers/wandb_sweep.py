@@ -59,10 +59,8 @@ def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
 
 
 def attach_report(run, runs, out: Path) -> None:
-    """Write normlab-report's report of the sweep into ``out`` and attach it to ``run``: the figures as images,
-    every file as the artifact ``report-<run id>``. A report that cannot be built only warns."""
-    import wandb
-
+    """Write normlab-report's report of the sweep into ``out`` and attach it to ``run``. A report that cannot be
+    built only warns."""
     from normlab.analysis.report import build_report
 
     try:
@@ -70,7 +68,14 @@ def attach_report(run, runs, out: Path) -> None:
     except Exception as e:  # noqa: BLE001 - the table and the plot are logged already
         log.warning("W&B sweep summary: no report (%s: %s)", type(e).__name__, e)
         return
-    files = sorted({p for paths in written.values() for p in paths})
+    attach_files(run, sorted({p for paths in written.values() for p in paths}))
+
+
+def attach_files(run, files: list[Path]) -> None:
+    """A report's files on a W&B run: the figures as images (``report/<name>``), every file in the artifact
+    ``report-<run id>``."""
+    import wandb
+
     run.log({f"report/{p.stem}": wandb.Image(str(p)) for p in files if p.suffix == ".png"})
     report = wandb.Artifact(f"report-{run.id}", type="report", description="normlab-report's report of the sweep")
     for path in files:
