@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from normlab.engine import dist
+from normlab.norms import cpu_kernel
 
 
 def autocast(device: torch.device, precision: str, *, cache: bool = True):
@@ -26,7 +27,9 @@ def autocast(device: torch.device, precision: str, *, cache: bool = True):
 def compile_model(module: nn.Module, mode: str | None = None) -> nn.Module:
     """``torch.compile`` as training uses it (``trainer.compile``): static shapes. With dynamic shapes, which Dynamo
     switches to once a process has seen a second shape, per-worker BN's view arithmetic sends Inductor's symbolic
-    simplification into minutes per graph; a job's few shapes (train, eval, a last partial batch) compile once each."""
+    simplification into minutes per graph; a job's few shapes (train, eval, a last partial batch) compile once each.
+    The CPU kernel is looked up first, so that the compiled graph calls it when it is there."""
+    cpu_kernel.available()
     return torch.compile(module, mode=mode, dynamic=False)
 
 

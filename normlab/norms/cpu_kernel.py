@@ -33,14 +33,21 @@ def _warn_once(reason: str) -> None:
     log.warning("per-worker BN and GN on the CPU use torch's ops, slower: %s", reason)
 
 
-@torch.compiler.assume_constant_result
+_loaded = False  # available()'s last eager answer: compiled code reads it, a constant, never the file system
+
+
 def available() -> bool:
-    """Whether the library is built and loaded (the first call builds it); a constant for torch.compile."""
+    """Whether the library is built and loaded (the first call builds it). Under torch.compile, the answer of the
+    last eager call: ``engine.step.compile_model`` asks once before compiling. (Not Dynamo's
+    ``assume_constant_result``: its decorator imports Dynamo, seconds of every process's start.)"""
+    global _loaded
+    if torch.compiler.is_compiling():
+        return _loaded
     lib = kernel_library.library()
     if isinstance(lib, str):
         _warn_once(lib)
-        return False
-    return True
+    _loaded = not isinstance(lib, str)
+    return _loaded
 
 
 def status() -> str:
