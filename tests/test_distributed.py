@@ -31,7 +31,8 @@ from normlab.validation import check_world
 from normlab.errors import ConfigError
 from normlab.norms import PerWorkerBatchNorm2d, SyncBatchNorm2d, to_process_local_bn
 from normlab.records import read_metrics
-from tests.conftest import REPO
+from normlab.train import train
+from tests.conftest import REPO, compose_config
 
 JOB = ["data=digits", "data.train_subset=512", "model=resnet8", "batch.per_worker=4", "batch.workers=4",
        "trainer.epochs=2", "trainer.device=cpu", "trainer.precision=fp32", "trainer.channels_last=false",
@@ -46,6 +47,11 @@ def run_job(run_dir: Path, *overrides: str, ranks: int = 1, timeout: float = 300
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([*launch, "-m", "normlab.train", *JOB, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**env, "PYTHONUNBUFFERED": "1"})
+
+
+def train_alone(run_dir: Path, *overrides: str) -> None:
+    """The single-process reference, in this process: the same job as ``run_job`` without a second start-up."""
+    assert train(compose_config([*JOB, *overrides]), run_dir)["status"] == "done"
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -199,7 +205,7 @@ def test_syncbn_buffer_averaging_and_rank_0s_errors_across_two_processes(tmp_pat
 @pytest.mark.skipif(not TORCHRUN, reason="torchrun is not installed")
 def test_two_ranks_train_the_model_one_process_trains(tmp_path):
     alone, ranks = tmp_path / "alone", tmp_path / "ranks"
-    assert run_job(alone).returncode == 0
+    assert run_job(alone).returncode == 0  # a Hydra run, so that both folders hold the same files
     proc = run_job(ranks, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_training(alone, ranks)
@@ -216,7 +222,7 @@ def test_two_ranks_train_the_model_one_process_trains(tmp_path):
                                   ["norm=gn", "norm.groups=8"], ["eval.compare_bn_stats=true"], ["trainer.compile=true"]])
 def test_every_kind_of_norm_and_eval_mode_matches_one_process(tmp_path, norm):
     alone, ranks = tmp_path / "alone", tmp_path / "ranks"
-    assert run_job(alone, *norm).returncode == 0
+    train_alone(alone, *norm)
     proc = run_job(ranks, *norm, ranks=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_training(alone, ranks)
@@ -234,7 +240,7 @@ def test_bad_world_is_refused_once_and_a_done_run_is_skipped_by_every_rank(tmp_p
     assert proc.stderr.count("normlab-train: error: batch.workers: W=3 workers cannot be split") == 1
     assert not (tmp_path / "bad" / "config.yaml").exists()
     done = tmp_path / "done"
-    assert run_job(done, "trainer.epochs=1").returncode == 0
+    train_alone(done, "trainer.epochs=1")
     before = (done / "summary.json").read_bytes()
     proc = run_job(done, "trainer.epochs=1", ranks=2)
     assert proc.returncode == 0 and "skipping" in proc.stdout + proc.stderr
@@ -282,7 +288,7 @@ def test_a_killed_rank_fails_the_job_at_once_and_a_rerun_on_one_process_resumes(
     assert 2 <= done_before < 4
     resumed = run_job(killed, *epochs)  # the same W on one process: the runs are equivalent
     assert resumed.returncode == 0 and f"resuming {killed} after epoch" in resumed.stdout + resumed.stderr
-    assert run_job(alone, *epochs).returncode == 0
+    train_alone(alone, *epochs)
     assert_same_training(alone, killed, atol=1e-4)
 
 
@@ -290,7 +296,7 @@ def test_a_killed_rank_fails_the_job_at_once_and_a_rerun_on_one_process_resumes(
 def test_a_submitit_job_with_two_tasks_is_one_job_on_two_ranks(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     alone = tmp_path / "alone"
-    assert run_job(alone).returncode == 0
+    train_alone(alone)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "normlab.train", "-m", "hydra/launcher=submitit_local",
                            "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
