@@ -21,6 +21,9 @@ checkout). This script only schedules, so main's copy may drive a worktree at S:
     git worktree add --detach ../study cb1d2df
     NORMLAB_CIFAR10_JPEG=... python scripts/reproduce_cifar10_resnet20.py --study ../study --epoch-seconds 260 \
         --published results/reference/cifar10_resnet20/runs --hours 2.7
+
+Before the study is published, `--rerun NAME` runs one finished run again at S (into the sweep's rerun/ folder)
+and compares every number it recorded with the finished run's, timings aside: exit 0 when all are identical.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SWEEP = Path("results") / "cifar10_resnet20" / "study"  # in the study's checkout (--study)
 KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
 FINAL = ("done", "diverged")
+TIMINGS = ("images_per_sec", "epoch_time_s", "wall_time_s")  # what a rerun may change
 MAP_BUDGETS = (5, 10, 20, 40)
 MAP_SETTINGS = (("bn", 32), ("bn", 2), ("gn8", 32))
 
@@ -68,6 +72,11 @@ def plan(extend: bool, grid_epochs: int | None) -> list[dict]:
         jobs += [job(grid, "gn", 32, seed, e, **{"norm.groups": g}) for g in (2, 4, 16) for seed in (0, 1)]
     seen: set[str] = set()  # a map run at the grid's budget is a run of the grid: one job
     return [j for j in jobs if not (folder_name(j["overrides"]) in seen or seen.add(folder_name(j["overrides"])))]
+
+
+def job_command(j: dict, run_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "normlab.train", f"experiment={j['experiment']}",
+            *[f"{k}={v}" for k, v in j["overrides"].items()], *extra, f"hydra.run.dir='{run_dir}'"]
 
 
 def summary_of(folder: Path) -> dict | None:
@@ -108,6 +117,42 @@ def commit(runs: Path, message: str) -> None:
     print(f"could not commit {runs}: {(done or added).stderr.strip()}", file=sys.stderr, flush=True)
 
 
+def recorded_numbers(folder: Path) -> dict[str, object]:
+    """Every value a run recorded (each epoch's metrics, its summary), timings aside, keyed by where it is."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    found = {f"epoch {row['epoch']}: {k}": v for row in rows for k, v in row.items() if k not in TIMINGS}
+    found.update({f"summary: {k}": v for k, v in (summary_of(folder) or {}).items() if k not in TIMINGS})
+    return found
+
+
+def rerun_check(name: str, study: Path, sweep: Path, extra: list[str], nice: int) -> int:
+    """Run the finished run `name` again at the study's commit and say whether every number it recorded is the
+    same: 0 if so, 1 if any differs (each listed), 2 if there is no such finished run."""
+    finished = summary_of(sweep / name)
+    if not is_finished(sweep / name):
+        print(f"reproduce: --rerun {name!r}: no finished run of that name in {sweep}", file=sys.stderr)
+        return 2
+    again = sweep / "rerun" / name
+    overrides = dict(item.split("=", 1) for item in name.split(","))
+    command = job_command({"experiment": finished["experiment"], "overrides": overrides}, again, extra)
+    again.parent.mkdir(parents=True, exist_ok=True)
+    if not is_finished(again):  # a rerun that finished before is compared, not trained again
+        print(f"{time.strftime('%H:%M')} rerun: {shlex.join(command[3:-1])}", flush=True)
+        with open(sweep / "rerun" / f"{name}.log", "a") as log:
+            subprocess.run(command, cwd=study, stdout=log, stderr=subprocess.STDOUT, check=False,
+                           preexec_fn=lambda: os.nice(nice))
+    if not is_finished(again):
+        print(f"reproduce: the rerun of {name} did not finish: see {again.parent / (name + '.log')}", file=sys.stderr)
+        return 1
+    first, second = recorded_numbers(sweep / name), recorded_numbers(again)
+    differ = [k for k in sorted(first.keys() | second.keys()) if first.get(k) != second.get(k)]
+    for key in differ:
+        print(f"  differs: {key}: {first.get(key)!r} then {second.get(key)!r}")
+    print(f"{time.strftime('%H:%M')} rerun of {name} at {finished.get('git_commit')}: {len(first)} numbers compared "
+          f"(timings aside), {'all identical' if not differ else f'{len(differ)} differ'}", flush=True)
+    return 1 if differ else 0
+
+
 def seconds_per_epoch(sweep: Path, default: float) -> float:
     """The slowest per-epoch wall time among this sweep's finished runs (default with none)."""
     rates = [s["wall_time_s"] / s["epochs"] for s in map(summary_of, sweep.iterdir() if sweep.is_dir() else [])
@@ -136,10 +181,13 @@ def main() -> int:
                         "finished run's, which a run on a loaded machine inflates)")
     parser.add_argument("--nice", type=int, default=5, help="the jobs' niceness (numbers do not depend on it)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is left, run nothing")
+    parser.add_argument("--rerun", metavar="NAME", help="run the finished run NAME again at S and compare every "
+                        "number it recorded, timings aside (the check before publishing)")
     parser.add_argument("extra", nargs="*", help="overrides given to every job (tests only: they change the runs)")
     args = parser.parse_args()
+    overrides = [*args.extra, *(args.rerun.split(",") if args.rerun else [])]
     if not args.dry_run and not os.environ.get("NORMLAB_CIFAR10_JPEG") and not any(
-            a.startswith("data=") for a in args.extra):
+            a.startswith("data=") for a in overrides):
         print("reproduce: NORMLAB_CIFAR10_JPEG is not set: point it at cifar10-jpeg.zip", file=sys.stderr)
         return 2
     deadline = None if args.hours is None else time.time() + args.hours * 3600
@@ -149,6 +197,8 @@ def main() -> int:
     if args.published is not None:
         args.published.mkdir(parents=True, exist_ok=True)
         print(f"copied {copy_finished(args.published, args.sweep)} published runs into {args.sweep}", flush=True)
+    if args.rerun is not None:
+        return rerun_check(args.rerun, args.study, args.sweep, args.extra, args.nice)
     jobs = plan(args.extend, args.grid_epochs)
     pending = [j for j in jobs if not is_finished(args.sweep / folder_name(j["overrides"]))]
     print(f"{len(jobs)} jobs planned, {len(jobs) - len(pending)} finished, {len(pending)} to run", flush=True)
@@ -192,9 +242,7 @@ def main() -> int:
             j = fits[0]
             pending.remove(j)
             name = folder_name(j["overrides"])
-            command = [sys.executable, "-m", "normlab.train", f"experiment={j['experiment']}",
-                       *[f"{k}={v}" for k, v in j["overrides"].items()], *args.extra,
-                       f"hydra.run.dir='{args.sweep / name}'"]
+            command = job_command(j, args.sweep / name, args.extra)
             log = open(logs / f"{name}.log", "a")
             print(f"{time.strftime('%H:%M')} start: {shlex.join(command[3:-1])}", flush=True)
             running[subprocess.Popen(command, cwd=args.study, stdout=log, stderr=subprocess.STDOUT,

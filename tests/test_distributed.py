@@ -31,7 +31,7 @@ from normlab.validation import check_world
 from normlab.errors import ConfigError
 from normlab.norms import PerWorkerBatchNorm2d, SyncBatchNorm2d, to_process_local_bn
 from normlab.records import read_metrics
-from normlab.train import train
+from normlab.train import train as train_in_this_process
 from tests.conftest import REPO, compose_config
 
 JOB = ["data=digits", "data.train_subset=512", "model=resnet8", "batch.per_worker=4", "batch.workers=4",
@@ -51,7 +51,7 @@ def run_job(run_dir: Path, *overrides: str, ranks: int = 1, timeout: float = 300
 
 def train_alone(run_dir: Path, *overrides: str) -> None:
     """The single-process reference, in this process: the same job as ``run_job`` without a second start-up."""
-    assert train(compose_config([*JOB, *overrides]), run_dir)["status"] == "done"
+    assert train_in_this_process(compose_config([*JOB, *overrides]), run_dir)["status"] == "done"
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

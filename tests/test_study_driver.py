@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, TINY, run_cli
 
 spec = importlib.util.spec_from_file_location("study_driver", REPO / "scripts" / "reproduce_cifar10_resnet20.py")
@@ -13,14 +15,22 @@ driver = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(driver)
 
 
-def test_folder_names_are_hydras_override_dirname(tmp_path):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A tiny run of the plan's first job, made by a Hydra sweep: (its sweep folder, the overrides it ran with)."""
     job = driver.plan(extend=False, grid_epochs=None)[0]
     tiny = dict(t.split("=", 1) for t in TINY if not t.startswith(("batch.", "trainer.epochs", "trainer.progress")))
     overrides = {**job["overrides"], **tiny, "trainer.epochs": 1, "batch.workers": "null", "batch.total": 64}
+    sweep = tmp_path_factory.mktemp("sweep")
     result = run_cli("-m", f"experiment={job['experiment']}", *[f"{k}={v}" for k, v in overrides.items()],
-                     "trainer.progress=false", f"hydra.sweep.dir={tmp_path}")  # progress: not in folder names
+                     "trainer.progress=false", f"hydra.sweep.dir={sweep}")  # progress: not in folder names
     assert result.returncode == 0, result.stderr
-    made = [p.name for p in tmp_path.iterdir() if p.is_dir() and (p / "summary.json").exists()]
+    return sweep, overrides
+
+
+def test_folder_names_are_hydras_override_dirname(finished_run):
+    sweep, overrides = finished_run
+    made = [p.name for p in sweep.iterdir() if p.is_dir() and (p / "summary.json").exists()]
     assert made == [driver.folder_name(overrides)]
 
 
@@ -69,3 +79,26 @@ def test_the_driver_reads_the_study_checkout_it_is_given(tmp_path):
                              str(tmp_path / "study"), "--dry-run"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "24 jobs planned, 1 finished, 23 to run" in result.stdout
+
+
+def test_a_rerun_of_a_finished_run_compares_every_number_it_recorded(finished_run):
+    """--rerun trains the run again at the study's checkout and compares all it recorded, timings aside: a run
+    reproduces itself (exit 0), and a published number changed afterwards is found and named (exit 1)."""
+    sweep, overrides = finished_run
+    name = driver.folder_name(overrides)
+
+    def rerun(what: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
+                               str(REPO), "--sweep", str(sweep), "--rerun", what], capture_output=True, text=True,
+                              timeout=300)
+
+    same = rerun(name)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert "all identical" in same.stdout and (sweep / "rerun" / name / "summary.json").exists()
+    metrics = sweep / name / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows[0]["val_error"] += 0.01
+    metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = rerun(name)  # the rerun is done already: compared again, not trained again
+    assert changed.returncode == 1 and "differs: epoch 1: val_error" in changed.stdout, changed.stdout
+    assert rerun("no-such-run").returncode == 2
