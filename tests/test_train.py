@@ -92,7 +92,8 @@ def test_a_run_folder_holding_another_config_is_refused_not_skipped(tiny, tmp_pa
     assert "optim.base_lr was 0.1, now 0.05" in str(e.value) and "schedule.milestones was" in str(e.value)
     assert "trainer.force=true" in str(e.value)
     assert json.loads((tmp_path / "summary.json").read_text()) == first  # the finished run is untouched
-    assert train(tiny("trainer.threads=1", "logger=none", "name=renamed"), tmp_path) is None  # runtime keys: a skip
+    assert train(tiny("trainer.threads=1", "logger=none", "name=renamed", "data.max_image_pixels=1000"),
+                 tmp_path) is None  # runtime keys: a skip
 
 
 def test_an_interrupted_run_of_another_config_is_refused_and_force_starts_it_over(tiny, tmp_path):

@@ -23,7 +23,7 @@ log = logging.getLogger("normlab")
 # The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
 RUNTIME_KEYS = ("name", "logger", "experiment", "trainer.threads", "trainer.force", "trainer.progress",
                 "trainer.checkpoint", "trainer.device", "data.root", "data.download", "data.cache_dir",
-                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb")
+                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb", "data.max_image_pixels")
 
 
 def is_runtime_key(key: str) -> bool:
