@@ -4,7 +4,9 @@
 The study is longer than one sitting: the regime map (experiments/gn_regime.yaml) and Figure 1
 (experiments/gn_batch_size_resnet20.yaml) need many hours of CPU. This script runs its planned jobs in a
 fixed order, `--slots` one-thread jobs at a time, and starts a job only if it can finish before `--hours`
-run out, so every stretch ends with finished runs only. A rerun skips what is done (normlab skips a folder
+run out, so every stretch ends with finished runs only. A job too long for any stretch (a 40-epoch run at
+this machine kind's pace) starts with `--carry-over` only: stopped at the deadline, it resumes from its last
+epoch's checkpoint in the next stretch on the same machine. A rerun skips what is done (normlab skips a folder
 whose summary.json says done for the same config), so stretches on different machines add up:
 
     NORMLAB_CIFAR10_JPEG=/path/to/cifar10-jpeg.zip python scripts/reproduce_cifar10_resnet20.py \\
@@ -153,6 +155,31 @@ def rerun_check(name: str, study: Path, sweep: Path, extra: list[str], nice: int
     return 1 if differ else 0
 
 
+def epochs_done(folder: Path) -> int:
+    """The epochs a run has recorded: a stopped run resumes after the last of them, from its checkpoint."""
+    try:
+        return sum(1 for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def seconds_needed(j: dict, sweep: Path, rate: float, start: float) -> float:
+    """What the job still needs: its epochs left at `rate`, with a tenth to spare, and `start` to load its data."""
+    return 1.1 * max(j["epochs"] - epochs_done(sweep / folder_name(j["overrides"])), 0) * rate + start
+
+
+def next_job(pending: list[dict], sweep: Path, rate: float, start: float, left: float, stretch: float | None,
+             carry_over: bool) -> dict | None:
+    """The first pending job, in the plan's order, that can finish in the `left` seconds. With `carry_over`, also
+    one that could not finish even in a whole stretch (`stretch` seconds), if one epoch fits: it runs to the
+    deadline and resumes from its checkpoint in the next stretch on this machine."""
+    for j in pending:
+        need = seconds_needed(j, sweep, rate, start)
+        if need <= left or (carry_over and stretch is not None and need > stretch and left >= 1.1 * rate + start):
+            return j
+    return None
+
+
 def seconds_per_epoch(sweep: Path, default: float) -> float:
     """The slowest per-epoch wall time among this sweep's finished runs (default with none)."""
     rates = [s["wall_time_s"] / s["epochs"] for s in map(summary_of, sweep.iterdir() if sweep.is_dir() else [])
@@ -179,6 +206,11 @@ def main() -> int:
     parser.add_argument("--grid-epochs", type=int, help="the Figure 1 grid's budget (the README's rule)")
     parser.add_argument("--epoch-seconds", type=float, help="seconds per epoch to plan with (default: the slowest "
                         "finished run's, which a run on a loaded machine inflates)")
+    parser.add_argument("--start-seconds", type=float, default=120.0, help="what to plan for a job's start, its "
+                        "data load (default: 120)")
+    parser.add_argument("--carry-over", action="store_true", help="also start jobs too long for a whole stretch: "
+                        "they run to the deadline and resume from their checkpoint in the next stretch on this "
+                        "machine (on another, they start over)")
     parser.add_argument("--nice", type=int, default=5, help="the jobs' niceness (numbers do not depend on it)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is left, run nothing")
     parser.add_argument("--rerun", metavar="NAME", help="run the finished run NAME again at S and compare every "
@@ -233,18 +265,28 @@ def main() -> int:
             if ok and args.published is not None:
                 copy_finished(args.sweep, args.published)
                 commit(args.published, f"cifar10_resnet20 study: publish finished runs (latest {name})")
+        if deadline is not None and time.time() >= deadline and running:  # the stretch is over
+            for proc, j in running.items():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                name = folder_name(j["overrides"])
+                print(f"{time.strftime('%H:%M')} stopped at the deadline after {epochs_done(args.sweep / name)} of "
+                      f"{j['epochs']} epochs (resumes next stretch): {name}", flush=True)
+            running.clear()
+            break
         rate = planning_rate(args.sweep, args.epoch_seconds)
         while not stop and pending and len(running) < args.slots:
             left = float("inf") if deadline is None else deadline - time.time()
-            fits = [j for j in pending if 1.1 * j["epochs"] * rate + 120 <= left]
-            if not fits:
+            j = next_job(pending, args.sweep, rate, args.start_seconds, left, args.hours and args.hours * 3600,
+                         args.carry_over)
+            if j is None:
                 break
-            j = fits[0]
             pending.remove(j)
             name = folder_name(j["overrides"])
             command = job_command(j, args.sweep / name, args.extra)
             log = open(logs / f"{name}.log", "a")
-            print(f"{time.strftime('%H:%M')} start: {shlex.join(command[3:-1])}", flush=True)
+            carried = " (carries over)" if seconds_needed(j, args.sweep, rate, args.start_seconds) > left else ""
+            print(f"{time.strftime('%H:%M')} start{carried}: {shlex.join(command[3:-1])}", flush=True)
             running[subprocess.Popen(command, cwd=args.study, stdout=log, stderr=subprocess.STDOUT,
                                      preexec_fn=lambda: os.nice(args.nice))] = j
         if not running:

@@ -102,3 +102,39 @@ def test_a_rerun_of_a_finished_run_compares_every_number_it_recorded(finished_ru
     changed = rerun(name)  # the rerun is done already: compared again, not trained again
     assert changed.returncode == 1 and "differs: epoch 1: val_error" in changed.stdout, changed.stdout
     assert rerun("no-such-run").returncode == 2
+
+
+def test_a_job_starts_if_what_it_has_left_fits_and_one_too_long_for_any_stretch_only_with_carry_over(tmp_path):
+    jobs = driver.plan(extend=False, grid_epochs=None)
+    by_epochs = {e: next(j for j in jobs if j["epochs"] == e) for e in (5, 40)}
+    hour = 3600.0
+    # rate 250 s: 5 epochs need 1.1·5·250 + 120 = 1,495 s; 40 epochs 11,120 s, more than a 2.8-hour stretch
+    assert driver.next_job([by_epochs[40], by_epochs[5]], tmp_path, 250, 120, 2.8 * hour, 2.8 * hour, False) is by_epochs[5]
+    assert driver.next_job([by_epochs[40]], tmp_path, 250, 120, 2.8 * hour, 2.8 * hour, False) is None
+    assert driver.next_job([by_epochs[40]], tmp_path, 250, 120, 2.8 * hour, 2.8 * hour, True) is by_epochs[40]
+    assert driver.next_job([by_epochs[40]], tmp_path, 250, 120, 300, 2.8 * hour, True) is None  # not one epoch left
+    assert driver.next_job([by_epochs[5]], tmp_path, 250, 120, 1400, 2.8 * hour, True) is None  # it fits a stretch
+    folder = tmp_path / driver.folder_name(by_epochs[40]["overrides"])  # 30 epochs done in earlier stretches
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, 31)))
+    assert driver.seconds_needed(by_epochs[40], tmp_path, 250, 120) == 1.1 * 10 * 250 + 120
+    assert driver.next_job([by_epochs[40]], tmp_path, 250, 120, 3100, 2.8 * hour, False) is by_epochs[40]
+
+
+def test_the_driver_stops_its_jobs_at_its_deadline(tmp_path):
+    """Both slots run jobs too long for the stretch (--carry-over); at --hours the driver stops them with SIGTERM
+    (this normlab records them as preempted, to resume) and exits 0."""
+    sweep = tmp_path / "sweep"
+    slow = ["data=synthetic", "data.num_train=2048", "data.num_test=64", "data.size=16", "model=resnet8",
+            "trainer.progress=false", "trainer.channels_last=false"]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
+                             str(REPO), "--sweep", str(sweep), "--hours", "0.004", "--epoch-seconds", "3",
+                             "--start-seconds", "1",
+                             "--carry-over", *slow], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert sum(" start (carries over): " in line for line in lines) == 2, result.stdout
+    assert sum(" stopped at the deadline after " in line for line in lines) == 2, result.stdout
+    assert "0 of 24 jobs finished, 24 left, 0 failed this stretch" in result.stdout
+    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")]
+    assert statuses == ["preempted", "preempted"], statuses
