@@ -48,7 +48,7 @@ def assert_every_job_done_once(sweep_dir: Path, jobs: int, epochs: int = EPOCHS)
 
 
 def test_two_sweeps_into_one_folder_split_the_jobs_and_never_double_one(tmp_path):
-    jobs = 8
+    jobs = 4
     first, second = start(tmp_path, jobs), start(tmp_path, jobs)
     assert {first.wait(timeout=1800), second.wait(timeout=1800)} <= {0, 1}  # 1: it skipped a job as busy
     assert_every_job_done_once(tmp_path, jobs)  # a job one sweep skipped as busy, the other one finished
