@@ -125,10 +125,11 @@ def test_the_driver_stops_its_jobs_at_its_deadline(tmp_path):
     """Both slots run jobs too long for the stretch (--carry-over); at --hours the driver stops them with SIGTERM
     (this normlab records them as preempted, to resume) and exits 0."""
     sweep = tmp_path / "sweep"
+    # trainer.epochs comes after the plan's own and wins: the jobs outlast the deadline on any machine, however fast
     slow = ["data=synthetic", "data.num_train=2048", "data.num_test=64", "data.size=16", "model=resnet8",
-            "trainer.progress=false", "trainer.channels_last=false"]
+            "trainer.progress=false", "trainer.channels_last=false", "trainer.epochs=1000"]
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
-                             str(REPO), "--sweep", str(sweep), "--hours", "0.004", "--epoch-seconds", "3",
+                             str(REPO), "--sweep", str(sweep), "--hours", "0.01", "--epoch-seconds", "8",
                              "--start-seconds", "1",
                              "--carry-over", *slow], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
