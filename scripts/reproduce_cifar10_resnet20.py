@@ -25,7 +25,8 @@ checkout). This script only schedules, so main's copy may drive a worktree at S:
         --published results/reference/cifar10_resnet20/runs --hours 2.7
 
 Before the study is published, `--rerun NAME` runs one finished run again at S (into the sweep's rerun/ folder)
-and compares every number it recorded with the finished run's, timings aside: exit 0 when all are identical.
+and compares every number it recorded with the finished run's, timings and the CPU's name aside: exit 0 when all
+are identical.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ SWEEP = Path("results") / "cifar10_resnet20" / "study"  # in the study's checkou
 KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
 FINAL = ("done", "diverged")
 TIMINGS = ("images_per_sec", "epoch_time_s", "wall_time_s")  # what a rerun may change
+MACHINE = ("cpu_kernel",)  # provenance a rerun may change: the C++ kernel's file name is hashed from the CPU
 MAP_BUDGETS = (5, 10, 20, 40)
 MAP_SETTINGS = (("bn", 32), ("bn", 2), ("gn8", 32))
 
@@ -120,10 +122,11 @@ def commit(runs: Path, message: str) -> None:
 
 
 def recorded_numbers(folder: Path) -> dict[str, object]:
-    """Every value a run recorded (each epoch's metrics, its summary), timings aside, keyed by where it is."""
+    """Every value a run recorded (each epoch's metrics, its summary), timings and the machine aside, keyed by
+    where it is."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     found = {f"epoch {row['epoch']}: {k}": v for row in rows for k, v in row.items() if k not in TIMINGS}
-    found.update({f"summary: {k}": v for k, v in (summary_of(folder) or {}).items() if k not in TIMINGS})
+    found.update({f"summary: {k}": v for k, v in (summary_of(folder) or {}).items() if k not in TIMINGS + MACHINE})
     return found
 
 
@@ -147,6 +150,9 @@ def rerun_check(name: str, study: Path, sweep: Path, extra: list[str], nice: int
         print(f"reproduce: the rerun of {name} did not finish: see {again.parent / (name + '.log')}", file=sys.stderr)
         return 1
     first, second = recorded_numbers(sweep / name), recorded_numbers(again)
+    for key in MACHINE:
+        if finished.get(key) != summary_of(again).get(key):
+            print(f"  another machine: {key}: {finished.get(key)!r} then {summary_of(again).get(key)!r}")
     differ = [k for k in sorted(first.keys() | second.keys()) if first.get(k) != second.get(k)]
     for key in differ:
         print(f"  differs: {key}: {first.get(key)!r} then {second.get(key)!r}")

@@ -83,7 +83,8 @@ def test_the_driver_reads_the_study_checkout_it_is_given(tmp_path):
 
 def test_a_rerun_of_a_finished_run_compares_every_number_it_recorded(finished_run):
     """--rerun trains the run again at the study's checkout and compares all it recorded, timings aside: a run
-    reproduces itself (exit 0), and a published number changed afterwards is found and named (exit 1)."""
+    reproduces itself (exit 0), on another CPU too (the kernel's name is reported, not counted), and a published
+    number changed afterwards is found and named (exit 1)."""
     sweep, overrides = finished_run
     name = driver.folder_name(overrides)
 
@@ -95,6 +96,11 @@ def test_a_rerun_of_a_finished_run_compares_every_number_it_recorded(finished_ru
     same = rerun(name)
     assert same.returncode == 0, same.stdout + same.stderr
     assert "all identical" in same.stdout and (sweep / "rerun" / name / "summary.json").exists()
+    summary = sweep / name / "summary.json"
+    moved = {**json.loads(summary.read_text()), "cpu_kernel": "cpu_kernel-0123456789abcdef.so"}  # another CPU's
+    summary.write_text(json.dumps(moved))
+    elsewhere = rerun(name)
+    assert elsewhere.returncode == 0 and "another machine: cpu_kernel" in elsewhere.stdout, elsewhere.stdout
     metrics = sweep / name / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     rows[0]["val_error"] += 0.01
