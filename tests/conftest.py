@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-import normlab.train  # noqa: F401 - registers the schemas and the experiments search path
+import normlab.train  # noqa: F401 - registers the config schemas
 from normlab.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent

@@ -218,7 +218,8 @@ def test_imagefolder_default_size_is_the_first_images_shorter_side(tmp_path):
 
 
 @pytest.mark.parametrize("setting, message", [
-    ({"root": None}, r"data\.root=None is invalid: imagefolder needs data\.root"),
+    ({"root": None}, r"data\.root=None is invalid: imagefolder needs data\.root.* NORMLAB_CIFAR10_JPEG=.*"
+                     r"data=cifar10 data\.download=true"),
     ({"root": "/no/such/folder"}, r"data\.root='/no/such/folder' does not exist"),
     ({"classes": ["cat", "yak"]}, r"data\.classes has \['yak'\], not found"),
     ({"num_classes": 9}, r"data\.num_classes=9 is invalid: .* has 3 classes"),

@@ -136,6 +136,7 @@ def test_a_sweep_goes_on_past_a_job_whose_disk_is_full(tmp_path):
         assert f"cannot write {first / 'config.yaml'}: No space left on device" in output, output[-3000:]
         assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "done"
         assert "Traceback" not in output
+        assert result.returncode == 1, output[-3000:]  # the sweep went on, then says a job did not finish
 
 
 def test_a_read_only_run_folder_is_refused_before_anything_is_written(tmp_path):

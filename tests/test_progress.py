@@ -55,3 +55,12 @@ def test_jobs_side_by_side_draw_no_bar():
         assert not runs_beside_others()
     finally:
         HydraConfig.instance().cfg = None
+
+
+def test_a_job_alone_draws_a_bar_on_a_terminal_only(monkeypatch):
+    """Logs stay clean: with "auto", a job whose stderr is a file or a pipe draws no bar."""
+    HydraConfig.instance().cfg = None  # a plain run: no launcher beside it
+    monkeypatch.setattr("sys.stderr", SimpleNamespace(isatty=lambda: False))
+    assert not ProgressBar.wanted("auto") and ProgressBar.wanted("true")
+    monkeypatch.setattr("sys.stderr", SimpleNamespace(isatty=lambda: True))
+    assert ProgressBar.wanted("auto") and not ProgressBar.wanted("false")
