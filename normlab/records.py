@@ -41,6 +41,7 @@ METRIC_KEYS = ("epoch", "train_loss", "train_error", "val_loss", "val_error", "l
 FINAL_STATUSES = ("done", "diverged")  # "failed" and "preempted" runs resume from their checkpoint when rerun
 WRITE_FAILED_EXIT = 74  # sysexits.h EX_IOERR: the exit code of a job or report whose write failed (bad input: 2)
 RUN_FOLDER_ELSEWHERE = "give the job another hydra.run.dir (hydra.sweep.dir in a sweep)"
+DISK_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors only a write raises
 
 _WHAT_TO_DO = {
     errno.ENOSPC: "free space on the file system that holds {folder}",

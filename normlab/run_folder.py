@@ -63,6 +63,14 @@ def problem(path: Path) -> str | None:
     return None
 
 
+def hydra_notes(argv: list[str]) -> Path:
+    """Where Hydra writes its notes for a command line (``.hydra/`` in the run or sweep folder): the file a failed
+    write of Hydra's names, when the error itself names none."""
+    folders = named_folders(argv)
+    folder = folders.get("hydra.run.dir") or folders.get("hydra.sweep.dir")
+    return (static_part(folder) if folder else Path(DEFAULT_ROOT)) / ".hydra"
+
+
 def check(argv: list[str]) -> str | None:
     """The one-line refusal for the run or sweep folder of a command line, or None when it looks right."""
     if any(arg in INFO_FLAGS or arg.startswith("--cfg") for arg in argv):  # prints, writes no folder

@@ -34,7 +34,7 @@ from normlab.machine_share import MachineShare, share_machine
 from normlab.config import register_configs
 from normlab.engine import dist, preemption
 from normlab.errors import ConfigError, RunFolderBusy
-from normlab.records import WRITE_FAILED_EXIT, WriteFailed
+from normlab.records import DISK_FULL_OR_READ_ONLY, WRITE_FAILED_EXIT, WriteFailed
 from normlab.validation import resolve_run, validate
 
 log = logging.getLogger("normlab")
@@ -143,6 +143,12 @@ def cli() -> None:
     except (HydraException, OmegaConfBaseException) as e:
         print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # Hydra's own notes, written before a job starts (a sweep stops there): a full disk
+        if e.errno not in DISK_FULL_OR_READ_ONLY:
+            raise
+        where = e.filename or run_folder.hydra_notes(sys.argv[1:])
+        print(f"normlab-train: error: {WriteFailed(where, e)}", file=sys.stderr)
+        sys.exit(WRITE_FAILED_EXIT)
     sys.exit(sweep_outcome.exit_code())  # a multirun with a job that did not finish: 1, after its tally
 
 

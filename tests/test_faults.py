@@ -139,6 +139,29 @@ def test_a_sweep_goes_on_past_a_job_whose_disk_is_full(tmp_path):
         assert result.returncode == 1, output[-3000:]  # the sweep went on, then says a job did not finish
 
 
+def test_a_full_disk_at_hydras_own_notes_is_one_message_and_a_sweep_stops_there_keeping_its_done_jobs(tmp_path):
+    """Hydra writes .hydra/ before normlab's job starts, so a full disk there stops a sweep at that job (the
+    jobs after it would meet the same disk); the jobs before it stay done, and the rerun resumes."""
+    with tmpfs(tmp_path / "fs", "256k") as fs:
+        run = fs / "run"
+        run.mkdir()
+        fill(fs)
+        single = run_cli(*TINY, f"hydra.run.dir={run}")
+        assert_one_message(single, f"cannot write {run / '.hydra'}", "No space left on device (ENOSPC)",
+                           code=WRITE_FAILED_EXIT)
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}"]
+    (sweep / "1").mkdir(parents=True)
+    with tmpfs(sweep / "1", "64k") as second:  # job 1's folder is a full file system of its own
+        fill(second)
+        stopped = run_cli(*args)
+        assert_one_message(stopped, "cannot write", "No space left on device (ENOSPC)", code=WRITE_FAILED_EXIT)
+        assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "done"
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads((sweep / job / "summary.json").read_text())["status"] for job in "01"] == ["done", "done"]
+
+
 def test_a_read_only_run_folder_is_refused_before_anything_is_written(tmp_path):
     run = tmp_path / "run"
     args = [*TINY, "trainer.epochs=2", f"hydra.run.dir={run}"]
