@@ -91,12 +91,24 @@ def done_summaries(sweep_dir: Path) -> dict[Path, bytes]:
     return found
 
 
+def done_count(sweep_dir: Path) -> int:
+    return len(done_summaries(sweep_dir))
+
+
+SOAK_MINUTES = 20  # a bound that only a hung sweep reaches: the soak takes a few minutes on 2 free cores
+
+
 def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_each_job_once(tmp_path):
-    """A basic and a joblib sweep of 100 jobs each, side by side; 30 times, one of them that has jobs left (at
-    random, once it trains) is sent SIGKILL or SIGTERM (at random) in its whole process group and started again;
-    then both are rerun until they exit 0. Every job is done once, no epoch twice, no done summary ever changes, and
-    normlab-report counts 200 runs, all done."""
-    rng, started = random.Random(24), time.time()
+    """A basic and a joblib sweep of 100 jobs each, side by side; 30 times in all, a sweep that has jobs left is
+    sent SIGKILL or SIGTERM (15 of each, in a seeded order) in its whole process group, a seeded 1-4 epochs after
+    it last started and 0-0.3 s later (in a step, a checkpoint, between jobs), and started again; then both are
+    rerun until they exit 0. Every job is done once, no epoch twice, no done summary ever changes, and
+    normlab-report counts 200 runs, all done. Kills are paced by epochs written, not by the clock, so a fast
+    machine cannot finish the jobs before the 30th kill."""
+    started, deadline = time.time(), time.time() + SOAK_MINUTES * 60
+    signals = ["SIGKILL", "SIGTERM"] * (SOAK_KILLS // 2)
+    random.Random(24).shuffle(signals)
+    rngs = {launcher: random.Random(f"24-{launcher}") for launcher in LAUNCHERS}
     dirs = {launcher: tmp_path / launcher for launcher in LAUNCHERS}
     procs = {launcher: soak_sweep(folder, launcher) for launcher, folder in dirs.items()}
     kills = {"SIGKILL": 0, "SIGTERM": 0}
@@ -107,34 +119,48 @@ def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_e
             for path, text in done_summaries(folder).items():
                 assert first_seen.setdefault(path, text) == text, f"{path} was rewritten"
 
-    while sum(kills.values()) < SOAK_KILLS:
-        unfinished = sorted(launcher for launcher in procs if len(done_summaries(dirs[launcher])) < SOAK_JOBS)
+    def next_kill(launcher: str) -> dict:
+        rng = rngs[launcher]
+        return {"rows": epochs_written(dirs[launcher]) + rng.randint(1, 4), "delay": rng.uniform(0.0, 0.3), "at": None}
+
+    def restart(launcher: str) -> None:
+        nonlocal reruns
+        procs[launcher].wait(timeout=120)
+        procs[launcher], plans[launcher] = soak_sweep(dirs[launcher], launcher), next_kill(launcher)
+        reruns += 1
+
+    plans = {launcher: next_kill(launcher) for launcher in procs}
+    while signals:
+        assert time.time() < deadline, f"the soak ran past {SOAK_MINUTES} minutes with {len(signals)} kills left"
+        unfinished = [launcher for launcher in procs if done_count(dirs[launcher]) < SOAK_JOBS]
         assert unfinished, f"every job was done after only {kills} kills"
-        launcher = rng.choice(unfinished)
-        proc, rows = procs[launcher], epochs_written(dirs[launcher])
-        deadline = time.time() + 120
-        while proc.poll() is None and epochs_written(dirs[launcher]) <= rows and time.time() < deadline:
-            time.sleep(0.1)  # until the sweep has trained (not while Python starts)
-        time.sleep(rng.uniform(0.0, 1.0))  # then at a random moment: in a step, a checkpoint, between jobs
-        keep_summaries()
-        name = rng.choice(sorted(kills))
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+        for launcher in unfinished:
+            proc, plan = procs[launcher], plans[launcher]
+            if proc.poll() is not None:  # it ended on its own (e.g. its jobs left were busy in a killed one's lock)
+                keep_summaries()
+                restart(launcher)
+                continue
+            if plan["at"] is None and epochs_written(dirs[launcher]) >= plan["rows"]:
+                plan["at"] = time.time() + plan["delay"]
+            if plan["at"] is None or time.time() < plan["at"] or not signals:
+                continue
+            keep_summaries()
+            name = signals.pop()
+            with contextlib.suppress(ProcessLookupError):  # unreaped, so its group exists even if it just ended
                 os.killpg(proc.pid, getattr(signal, name))
             kills[name] += 1
-        proc.wait()
-        procs[launcher] = soak_sweep(dirs[launcher], launcher)
-        reruns += 1
+            restart(launcher)
+        time.sleep(0.1)
     while procs:  # rerun until each sweep ends cleanly
+        assert time.time() < deadline, f"the soak ran past {SOAK_MINUTES} minutes"
         for launcher, proc in list(procs.items()):
             if proc.poll() is None:
                 continue
             keep_summaries()
-            if proc.returncode == 0 and len(done_summaries(dirs[launcher])) == SOAK_JOBS:
+            if proc.returncode == 0 and done_count(dirs[launcher]) == SOAK_JOBS:
                 del procs[launcher]
             else:
-                procs[launcher] = soak_sweep(dirs[launcher], launcher)
-                reruns += 1
+                restart(launcher)
         time.sleep(0.5)
     keep_summaries()
 
@@ -144,6 +170,6 @@ def test_a_soak_of_two_hundred_jobs_in_two_sweeps_signalled_at_random_finishes_e
                              str(tmp_path / "report")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-2000:]
     assert f"{2 * SOAK_JOBS} runs ({2 * SOAK_JOBS} done)" in report.stdout, report.stdout
-    assert min(kills.values()) >= SOAK_KILLS // 4, kills  # both signals, many times
+    assert kills == {"SIGKILL": SOAK_KILLS // 2, "SIGTERM": SOAK_KILLS // 2}
     print(f"\nsoak: {2 * SOAK_JOBS} jobs, kills {kills}, sweep restarts {reruns}, "
           f"{(time.time() - started) / 60:.1f} minutes")
