@@ -191,9 +191,13 @@ def test_a_cell_whose_runs_all_diverged_says_so(tmp_path):
 
 
 REFERENCE = REPO / "results" / "reference"
-PUBLISHED_STUDIES = [REFERENCE / "cifar10_small", REFERENCE / "cifar10_norm_batch",
-                     REFERENCE / "cifar10_norm_batch" / "budget",
-                     REFERENCE / "cifar10_bn_eval"]
+PUBLISHED_STUDIES = sorted(path.parent for path in REFERENCE.rglob("runs.csv") if "runs" not in path.parent.parts)
+
+
+def test_every_folder_with_published_tables_is_a_study_the_regeneration_test_covers():
+    """A study published later is covered without editing this file: its tables sit beside its runs.csv."""
+    with_tables = {path.parent for path in REFERENCE.rglob("table_*")}
+    assert with_tables and with_tables <= set(PUBLISHED_STUDIES), with_tables - set(PUBLISHED_STUDIES)
 
 
 @pytest.mark.parametrize("folder", PUBLISHED_STUDIES, ids=lambda p: str(p.relative_to(REFERENCE)))
@@ -210,6 +214,31 @@ def test_every_published_study_regenerates_byte_for_byte_from_its_runs_csv_with_
         assert (tmp_path / table).read_text() == (folder / table).read_text(), table
     runs = pd.read_csv(folder / "runs.csv")
     assert set(runs["status"]) == {"done"}  # every run of the grid, none left out
+
+
+def test_the_resnet20_regime_table_is_its_runs_summaries_and_the_readme_rule(tmp_path):
+    """The ResNet-20 study publishes run folders as they finish, its tables only when every run is done: rebuilt
+    from the folders, the regime table holds the seed means of their summaries, the paired margin, and the
+    README's threshold max(2 sd, 2 se) computed here from its formula."""
+    runs = REFERENCE / "cifar10_resnet20" / "runs"
+    assert report_main([str(runs), "--out", str(tmp_path)]) == 0
+    summaries = pd.DataFrame([json.loads(path.read_text()) for path in runs.glob("*/summary.json")])
+    summaries["setting"] = summaries["norm"] + summaries["per_worker_batch"].astype(str)
+    error = summaries.pivot_table(index=["epochs_planned", "seed"], columns="setting", values="val_error")
+    table = (tmp_path / "table_budget_fixed_total.md").read_text().splitlines()
+    rows = {int(line.split("|")[1]): [cell.strip() for cell in line.split("|")[1:-1]] for line in table
+            if re.match(r"\| \d+ \|", line)}
+    assert set(rows) == set(error.index.get_level_values(0))
+    for epochs, row in rows.items():
+        by_seed = error.loc[epochs]
+        means = [f"{by_seed[setting].mean():.1f}" for setting in ("bn32", "bn2", "gn32")]
+        assert row[4:7] == means, (epochs, row)
+        margins = by_seed["bn2"] - by_seed["gn32"]
+        assert row[9].replace("−", "-").startswith(f"{margins.mean():+.1f}"), (epochs, row)
+        p = (by_seed["bn2"].mean() + by_seed["gn32"].mean()) / 200
+        threshold = max(2 * margins.std(ddof=1), 2 * 100 * (p * (1 - p) / 10_000) ** 0.5)
+        assert row[10] == f"{threshold:.1f}", (epochs, row)
+        assert row[11] == ("yes" if margins.mean() > threshold else "no"), (epochs, row)
 
 
 def test_the_published_table_2_is_the_mean_of_its_runs(tmp_path):
