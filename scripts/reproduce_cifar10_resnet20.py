@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from normlab.engine.cpu_features import has_fast_bf16
+
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = Path("results") / "cifar10_resnet20" / "study"  # in the study's checkout (--study)
 KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
@@ -221,12 +223,19 @@ def main() -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and what is left, run nothing")
     parser.add_argument("--rerun", metavar="NAME", help="run the finished run NAME again at S and compare every "
                         "number it recorded, timings aside (the check before publishing)")
+    parser.add_argument("--any-cpu", action="store_true", help="run even on a CPU without AVX512-BF16 or AMX, where "
+                        "the study's bf16 is emulated and many times slower")
     parser.add_argument("extra", nargs="*", help="overrides given to every job (tests only: they change the runs)")
     args = parser.parse_args()
     overrides = [*args.extra, *(args.rerun.split(",") if args.rerun else [])]
     if not args.dry_run and not os.environ.get("NORMLAB_CIFAR10_JPEG") and not any(
             a.startswith("data=") for a in overrides):
         print("reproduce: NORMLAB_CIFAR10_JPEG is not set: point it at cifar10-jpeg.zip", file=sys.stderr)
+        return 2
+    if not (args.dry_run or args.any_cpu or has_fast_bf16()):
+        print("reproduce: this CPU has neither AVX512-BF16 nor AMX: the study's jobs pin trainer.precision=bf16 (so "
+              "that every machine computes the same numbers), which this CPU emulates, many times slower than on one "
+              "that has them (the study README's pace); run the study there, or pass --any-cpu", file=sys.stderr)
         return 2
     deadline = None if args.hours is None else time.time() + args.hours * 3600
     args.study = args.study.resolve()

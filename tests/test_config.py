@@ -383,3 +383,14 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     reference = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # torch's own (private) check, where it has one
     if reference is not None and Path("/proc/cpuinfo").exists():
         assert has_fast_bf16() == (reference() or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def test_bf16_asked_for_on_a_cpu_that_emulates_it_is_a_warning_and_nowhere_else():
+    from normlab.engine.runtime import emulated_bf16
+    from normlab.settings import Precision
+
+    cpu, cuda, emulating, native = torch.device("cpu"), torch.device("cuda"), frozenset({"avx2"}), frozenset({"amx_tile"})
+    assert "AVX512-BF16 or AMX" in emulated_bf16(Precision.bf16, cpu, emulating)
+    assert emulated_bf16(Precision.bf16, cpu, native) is None
+    assert emulated_bf16(Precision.fp32, cpu, emulating) is None
+    assert emulated_bf16(Precision.bf16, cuda, emulating) is None

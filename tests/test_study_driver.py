@@ -137,7 +137,7 @@ def test_the_driver_stops_its_jobs_at_its_deadline(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
                              str(REPO), "--sweep", str(sweep), "--hours", "0.01", "--epoch-seconds", "8",
                              "--start-seconds", "1",
-                             "--carry-over", *slow], capture_output=True, text=True, timeout=120)
+                             "--carry-over", "--any-cpu", *slow], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     assert sum(" start (carries over): " in line for line in lines) == 2, result.stdout
@@ -145,3 +145,20 @@ def test_the_driver_stops_its_jobs_at_its_deadline(tmp_path):
     assert "0 of 24 jobs finished, 24 left, 0 failed this stretch" in result.stdout
     statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")]
     assert statuses == ["preempted", "preempted"], statuses
+
+
+def test_on_a_cpu_without_native_bf16_the_driver_refuses_before_any_job_unless_told(tmp_path, monkeypatch, capsys):
+    """The study pins bf16; a CPU that emulates it would take days (the study README's pace), so the driver says so
+    and starts nothing (exit 2); --any-cpu runs anyway, and --dry-run only prints."""
+    monkeypatch.setattr(driver, "has_fast_bf16", lambda: False)
+    monkeypatch.setenv("NORMLAB_CIFAR10_JPEG", str(tmp_path / "cifar10-jpeg.zip"))
+    sweep = tmp_path / "sweep"
+    base = ["reproduce", "--study", str(REPO), "--sweep", str(sweep)]
+    monkeypatch.setattr(sys, "argv", base)
+    started = []
+    monkeypatch.setattr(driver.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a job started"))
+    assert driver.main() == 2 and not started and not sweep.exists()
+    refusal = capsys.readouterr().err
+    assert "neither AVX512-BF16 nor AMX" in refusal and "--any-cpu" in refusal, refusal
+    monkeypatch.setattr(sys, "argv", [*base, "--dry-run"])
+    assert driver.main() == 0 and not started

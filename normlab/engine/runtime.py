@@ -24,6 +24,14 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     return Precision(setting)
 
 
+def emulated_bf16(precision: Precision, device: torch.device, flags: frozenset[str] | None = None) -> str | None:
+    """A warning when bf16 is asked for on a CPU that emulates it: the run is right, only many times slower."""
+    if device.type == "cpu" and precision == Precision.bf16 and not has_fast_bf16(flags):
+        return ("trainer.precision=bf16 on a CPU without AVX512-BF16 or AMX: bf16 is emulated here, many times slower "
+                "than fp32 (trainer.precision=auto picks fp32 on this CPU)")
+    return None
+
+
 def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_synced: bool = False,
                        ranks: int = 1) -> bool:
     """auto: on CUDA, unless the model is compiled, the norm reads a value on the host (`host_synced`) or the

@@ -27,6 +27,7 @@ from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, sav
 from normlab.engine.evaluation import evaluate_epoch
 from normlab.engine.loop import train_epoch
 from normlab.engine.memory_format import FormatChoice
+from normlab.engine.runtime import emulated_bf16
 from normlab.engine.provenance import summarize
 from normlab.engine.rerun import job_is_done
 from normlab.loggers import NullLogger, build_logger
@@ -121,6 +122,8 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
                  memory_format.name, memory_format.reason, " · cuda-graph" if runtime.cuda_graph else "",
                  f" · {world.size} processes ({facts['backend']}), W/{world.size} workers each" if world.size > 1
                  else "")
+        if warning := emulated_bf16(runtime.precision, runtime.device):
+            log.warning(warning)
         outcome = run_epochs(spec, records, memory_format, job, rows, start_epoch, wall_time, logger)
         status, wall_time = outcome.status, outcome.wall_time_s
         if outcome.diverged_epoch is not None:
