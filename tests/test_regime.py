@@ -35,13 +35,17 @@ def test_differences_are_paired_by_seed():
     assert seeds["images"].tolist() == [250_000, 250_000] and seeds["steps"].tolist() == [1950, 1950]
 
 
-def test_interval_is_students_t():
+def test_the_margins_interval_is_students_t_and_its_verdict_is_beside_the_rule():
     values = np.array([1.0, 2.5, 4.0])
-    mean, sd, half = regime.interval(values)
+    row = regime.budget_summary(regime.per_seed(runs_from({5: list(values)}))).iloc[0]
     low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))
-    assert mean == pytest.approx(2.5) and sd == pytest.approx(values.std(ddof=1))
-    assert (mean - half, mean + half) == pytest.approx((low, high))
-    assert math.isnan(regime.interval(np.array([1.0]))[2])
+    assert row["margin"] == pytest.approx(2.5) and row["margin_sd"] == pytest.approx(values.std(ddof=1))
+    assert (row["margin"] - row["margin_ci"], row["margin"] + row["margin_ci"]) == pytest.approx((low, high))
+    assert low < 0 and row["interval"] == "undecided"  # the interval covers zero
+    tight = regime.budget_summary(regime.per_seed(runs_from({5: [2.4, 2.5, 2.6]}))).iloc[0]
+    assert tight["interval"] == "holds" and tight["clears"]  # here the two readings agree
+    one = regime.budget_summary(regime.per_seed(runs_from({5: [2.0]}))).iloc[0]
+    assert math.isnan(one["margin_ci"]) and one["interval"] == "undecided"
 
 
 def test_binomial_error_formula():

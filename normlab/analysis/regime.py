@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats as scipy_stats
 
 from normlab.analysis.cells import finished, main_setting
 from normlab.analysis.figures import STYLE, plt, save
+from normlab.analysis.intervals import binomial_floor, estimate, verdict
 
 DIFFERENCES = {  # column: (label, colour; Okabe-Ito, colour-blind safe)
     "lag": ("GN − BN(N={big}): GN's lag", "#D55E00"),
@@ -80,16 +80,6 @@ def per_seed(runs: pd.DataFrame, metric: str = "val_error") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def interval(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean, sample standard deviation and the half-width of the Student-t 95% interval (nan below 2 values)."""
-    values = np.asarray(values, dtype=float)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, math.nan, math.nan
-    sd = float(values.std(ddof=1))
-    return mean, sd, float(scipy_stats.t.ppf(0.975, len(values) - 1) * sd / math.sqrt(len(values)))
-
-
 def binomial_error(error_pct: float, test_size: int) -> float:
     """The standard error, in points, of a test error measured on `test_size` images."""
     p = error_pct / 100
@@ -104,11 +94,16 @@ def budget_summary(seeds: pd.DataFrame) -> pd.DataFrame:
                "seeds": len(cell), "bn_big": cell["bn_big"].mean(), "bn_small": cell["bn_small"].mean(),
                "gn": cell["gn"].mean()}
         for column in DIFFERENCES:
-            row[column], row[f"{column}_sd"], row[f"{column}_ci"] = interval(cell[column].to_numpy())
+            spread = estimate(cell[column])
+            row[column] = spread.mean
+            row[f"{column}_sd"] = spread.std if spread.n >= 2 else math.nan
+            row[f"{column}_ci"] = math.nan if spread.half_width is None else spread.half_width
         test_size = int(cell["test_size"].iloc[0]) if pd.notna(cell["test_size"].iloc[0]) else 10_000
         row["binomial"] = binomial_error((row["bn_small"] + row["gn"]) / 2, test_size)
         row["threshold"] = max(2 * row["margin_sd"], 2 * row["binomial"]) if row["seeds"] >= 2 else math.nan
         row["clears"] = bool(row["seeds"] >= 2 and row["margin"] > row["threshold"])
+        floor = binomial_floor((row["bn_small"], test_size), (row["gn"], test_size))
+        row["interval"] = verdict(estimate(cell["margin"]), floor)  # the report's general reading, beside the rule
         rows.append(row)
     return pd.DataFrame(rows).sort_values("epochs").reset_index(drop=True)
 
@@ -176,17 +171,20 @@ def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame, metric_label: st
         return text
 
     lines = [f"| epochs | images | steps | seeds | BN, N={big} | BN, N={small} | GN | GN − BN(N={big}) | "
-             f"BN(N={small}) − BN(N={big}) | BN(N={small}) − GN | threshold | clears |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"BN(N={small}) − BN(N={big}) | BN(N={small}) − GN | threshold | clears | 95% interval |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         threshold = "–" if math.isnan(r["threshold"]) else f"{r['threshold']:.1f}"
         count = {k: "–" if r[k] is None or pd.isna(r[k]) else f"{int(r[k]):,}" for k in ("images", "steps")}
         lines.append(f"| {r['epochs']} | {count['images']} | {count['steps']} | {r['seeds']} | {r['bn_big']:.1f} | "
                      f"{r['bn_small']:.1f} | {r['gn']:.1f} | {cell(r, 'lag')} | {cell(r, 'penalty')} | "
-                     f"{cell(r, 'margin')} | {threshold} | {'yes' if r['clears'] else 'no'} |")
+                     f"{cell(r, 'margin')} | {threshold} | {'yes' if r['clears'] else 'no'} | {r['interval']} |")
     lines += ["", f"{metric_label[0].upper()}{metric_label[1:]}, mean over seeds; differences in points, paired by seed: "
               "mean ± sample standard deviation [± half-width of the Student-t 95% interval]. The threshold is "
-              "max(2 × the margin's seed spread, 2 × the test set's binomial error)."]
+              "max(2 × the margin's seed spread, 2 × the test set's binomial error): the rule that picks Figure 1's budget, "
+              "fixed before the ResNet-20 study ran. The last column is the report's general verdict on the margin (docs/reports.md): holds "
+              "when its 95% interval, widened to the test set's binomial floor, lies above zero, does not hold below "
+              "it, undecided when it covers zero or there is one seed."]
     found = crossing_budget(summary)
     line = trend(summary)
     if summary["seeds"].max() < 2:
