@@ -516,3 +516,24 @@ def test_the_html_page_escapes_what_it_read_from_disk(tmp_path):
     assert report_main([str(tmp_path)]) == 0
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+
+
+def contrast_on_white(color) -> float:
+    """WCAG 2's contrast ratio against white, from its relative-luminance formula."""
+    from matplotlib.colors import to_rgb
+
+    channel = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in to_rgb(color)]
+    luminance = 0.2126 * channel[0] + 0.7152 * channel[1] + 0.0722 * channel[2]
+    return 1.05 / (luminance + 0.05)
+
+
+def test_every_norms_colour_and_the_curves_ramp_keep_3_to_1_contrast_on_white():
+    import matplotlib
+
+    from normlab.analysis.figures import RAMP_END
+    from normlab.analysis.metrics_info import NORM_COLORS
+
+    ramp = matplotlib.colormaps["plasma"]
+    colours = {**NORM_COLORS, "ramp end": ramp(RAMP_END)}
+    assert {name: round(contrast_on_white(c), 2) for name, c in colours.items() if contrast_on_white(c) < 3} == {}
+    assert len(set(NORM_COLORS.values())) == len(NORM_COLORS)  # the same norm always one colour, no two alike

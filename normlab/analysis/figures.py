@@ -169,6 +169,9 @@ def fig_groups(tables: dict[str, pd.DataFrame], out: Path, metric: str = DEFAULT
         return save(fig, out / "fig_groups")
 
 
+RAMP_END = 0.6  # plasma beyond this is too pale on white (under 3:1, WCAG's bound for graphics)
+
+
 def fig_curves(curves: pd.DataFrame, norm: str, out: Path, name: str | None = None) -> list[Path]:
     """Train (dashed) and val (solid) error vs epoch, one colour per batch size (a dark-to-orange ramp with contrast
     on white), mean over seeds."""
@@ -180,7 +183,7 @@ def fig_curves(curves: pd.DataFrame, norm: str, out: Path, name: str | None = No
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for i, batch in enumerate(batches):
-            color = cmap(i / max(1, len(batches) - 1) * 0.8)
+            color = cmap(i / max(1, len(batches) - 1) * RAMP_END)
             mean = curves[curves["per_worker_batch"] == batch].groupby("epoch")[["train_error", "val_error"]].mean()
             ax.plot(mean.index, mean["train_error"], linestyle="--", color=color, linewidth=1.5)
             val = mean["val_error"].dropna()

@@ -42,7 +42,7 @@ RUN_METRICS = ("val_error_median5", "val_error", "best_val_error",  # per-run er
 NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
                "evonorm_b0": "EvoNorm-B0", "evonorm_s0": "EvoNorm-S0", "gn_ws": "GN+WS"}
 NORM_COLORS = {"bn": "#0072B2", "gn": "#D55E00", "ln": "#009E73", "in": "#CC79A7", "none": "#555555",
-               "brn": "#56B4E9", "frn": "#E69F00", "evonorm_b0": "#000000", "evonorm_s0": "#882255",
+               "brn": "#332288", "frn": "#8F6A00", "evonorm_b0": "#000000", "evonorm_s0": "#882255",
                "gn_ws": "#999933"}
 NORM_MARKERS = {"bn": "o", "gn": "s", "ln": "^", "in": "D", "none": "x", "brn": "v", "frn": "P",
                 "evonorm_b0": "X", "evonorm_s0": "*", "gn_ws": "h"}
