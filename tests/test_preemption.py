@@ -20,9 +20,11 @@ import pytest
 from normlab.records import read_metrics
 from tests.conftest import REPO, run_cli
 
-# Epochs of about a second on a busy CPU: time to signal one mid-epoch.
+# Epochs of about a second on a busy CPU, and enough of them that a fast one is still training when the signal
+# sent after the first epoch arrives.
+EPOCHS = 6
 JOB = ["data=synthetic", "data.num_train=384", "data.size=16", "model=resnet8", "batch.per_worker=8",
-       "batch.workers=2", "trainer.epochs=3", "trainer.progress=false", "trainer.threads=1"]
+       "batch.workers=2", f"trainer.epochs={EPOCHS}", "trainer.progress=false", "trainer.threads=1"]
 TIMING_KEYS = {"images_per_sec", "epoch_time_s"}
 
 
@@ -70,7 +72,7 @@ def test_a_signal_mid_run_records_preempted_exits_128_plus_it_and_the_rerun_ends
     assert "Traceback" not in output and f"preempted by {signal.Signals(signum).name}" in output
     assert summary(tmp_path)["status"] == "preempted"
     rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < 3  # no partial epoch
+    assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < EPOCHS  # no partial epoch
 
     resumed = run_cli(*JOB, f"hydra.run.dir={tmp_path}")
     assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr
@@ -80,24 +82,26 @@ def test_a_signal_mid_run_records_preempted_exits_128_plus_it_and_the_rerun_ends
 
 EARLIER_HANDLER = """
 import signal, sys
-marker = sys.argv[1]
+marker, signum = sys.argv[1], int(sys.argv[2])
 def earlier(signum, frame):
     open(marker, "w").write(signal.Signals(signum).name)
-signal.signal(signal.SIGUSR2, earlier)
-sys.argv = ["normlab-train", *sys.argv[2:]]
+signal.signal(signum, earlier)
+sys.argv = ["normlab-train", *sys.argv[3:]]
 from normlab.train import cli
 cli()
 """
 
 
-def test_the_handler_installed_before_normlabs_is_called_after_the_run_is_recorded(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2])
+def test_the_handler_installed_before_normlabs_is_called_after_the_run_is_recorded(tmp_path, signum):
     marker, run = tmp_path / "earlier_handler_ran", tmp_path / "run"
-    proc = start([sys.executable, "-c", EARLIER_HANDLER, str(marker), *JOB, f"hydra.run.dir={run}"])
+    proc = start([sys.executable, "-c", EARLIER_HANDLER, str(marker), str(int(signum)), *JOB,
+                  f"hydra.run.dir={run}"])
     wait_for_epochs(run, "metrics.jsonl", 1, proc)
-    proc.send_signal(signal.SIGUSR2)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=120)[0]
-    assert marker.read_text() == "SIGUSR2", output[-3000:]
-    assert proc.returncode == 128 + signal.SIGUSR2 and summary(run)["status"] == "preempted"
+    assert marker.read_text() == signal.Signals(signum).name, output[-3000:]
+    assert proc.returncode == 128 + signum and summary(run)["status"] == "preempted"
 
 
 def test_a_signalled_multirun_starts_no_further_job_and_exits_non_zero(tmp_path):
