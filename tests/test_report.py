@@ -428,6 +428,9 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
     assert "| BN, precise | 19.5 ± 0.7 | 30.5 ± 0.7 | +11.0 |" in table
     assert "| BN, batch | 21.5 ± 0.7 | 26.5 ± 0.7 | +5.0 |" in table
     assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
+    assert "| precise − EMA | -1.0 | -5.0 |" in table and "| batch − EMA | +1.0 | -9.0 |" in table
+    # each seed's rise is the same 15.0: paired by seed (fixed total batch), its interval has no width
+    assert "+15.0 [+15.0, +15.0]" in (tmp_path / "report" / "table_bn_eval.md").read_text()
     assert (tmp_path / "report" / "fig_bn_eval.png").is_file()
     assert report_main([str(tmp_path), "--metric", "val_error_batch_median5", "--out", str(tmp_path / "b")]) == 0
     batch_table = without_intervals((tmp_path / "b" / "table_batch_size.md").read_text())

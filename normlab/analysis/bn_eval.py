@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from normlab.analysis.cells import finished, main_setting, stats
+from normlab.analysis.cells import finished, main_setting, protocol_of, stats
 from normlab.analysis.figures import STYLE, _log2_axis, plot_cells, plt, save, seeds_text
 from normlab.analysis.metrics_info import METRICS, norm_color, norm_label, norm_marker
-from normlab.analysis.tables import CELL_NOTE, cell_text, estimate_of
+from normlab.analysis.intervals import difference
+from normlab.analysis.tables import CELL_NOTE, DIFF_NOTE, cell_text, estimate_of
+from normlab.protocol import FIXED_TOTAL
 
 MODES = {"ema": "EMA (running averages)", "precise": "precise (recomputed population statistics)",
          "batch": "batch statistics (as in training)"}
@@ -40,34 +42,67 @@ def long_by_mode(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).dropna(subset=["value"])
 
 
+def per_seed(line: pd.DataFrame, n: int) -> pd.Series:
+    """One line's values at N, per seed (index: seed)."""
+    at = line[line["per_worker_batch"] == n]
+    return at.groupby(at["seed"].fillna(-1))["value"].mean()
+
+
 def bn_eval_table(long: pd.DataFrame) -> pd.DataFrame:
-    """Rows: BN per mode (and GN); columns: N, largest first; cells Estimates; a last column, the rise."""
+    """Rows: BN per mode (and GN); columns: N, largest first; cells Estimates; a last column, the rise from the
+    largest N to the smallest, paired by seed where every N shares seeds and data order (fixed total batch)."""
     if long.empty:
         return pd.DataFrame()
     s = stats(long, ["mode", "norm", "per_worker_batch"], "value")
     batches = sorted(s["per_worker_batch"].unique(), reverse=True)
+    big, small = max(batches), min(batches)
+    paired = protocol_of(long) == FIXED_TOTAL
     rows = {}
     for (mode, norm), cell in s.groupby(["mode", "norm"], sort=False):
         cell = cell.set_index("per_worker_batch")
         label = f"{norm_label(norm)}, {mode}" if mode != "reference" else norm_label(norm)
         rows[label] = {int(b): estimate_of(cell.loc[b]) if b in cell.index else None for b in batches}
-        big, small = max(batches), min(batches)
-        rise = (cell.loc[small, "mean"] - cell.loc[big, "mean"]) if {big, small} <= set(cell.index) else None
-        rows[label][f"rise {big}→{small}"] = rise
+        line = long[(long["mode"] == mode) & (long["norm"] == norm)]
+        rows[label][f"rise {big}→{small}"] = (difference(per_seed(line, small), per_seed(line, big), paired)
+                                             if {big, small} <= set(cell.index) else None)
     return pd.DataFrame(rows).T
 
 
-def bn_eval_markdown(table: pd.DataFrame, metric: str) -> str:
+def mode_differences(long: pd.DataFrame) -> pd.DataFrame:
+    """Rows: each BN mode but EMA, minus EMA; columns: N, largest first; cells the paired difference (one run
+    evaluated both ways, so always paired by seed)."""
+    bn = long[long["norm"] == "bn"]
+    batches = sorted({int(n) for n in bn["per_worker_batch"]}, reverse=True)
+    ema = bn[bn["mode"] == "ema"]
+    rows = {}
+    for mode in MODES:
+        line = bn[bn["mode"] == mode]
+        if mode == "ema" or line.empty or ema.empty:
+            continue
+        rows[f"{mode} − EMA"] = {n: difference(per_seed(line, n), per_seed(ema, n), paired=True)
+                                 if not per_seed(line, n).empty and not per_seed(ema, n).empty else None
+                                 for n in batches}
+    return pd.DataFrame(rows).T
+
+
+def bn_eval_markdown(table: pd.DataFrame, metric: str, differences: pd.DataFrame | None = None) -> str:
     if table.empty:
         return "_no runs compared BN's evaluation modes_\n"
     columns = list(table.columns)
     lines = ["| BN evaluated with \\ N | " + " | ".join(map(str, columns)) + " |", "|---|" + "---|" * len(columns)]
     for label, row in table.iterrows():
         cells = [cell_text(None if isinstance(v, float) and pd.isna(v) else v) for v in row.iloc[:-1]]
-        rise = row.iloc[-1]
-        cells.append("–" if rise is None or pd.isna(rise) else f"{rise:+.1f}")
+        cells.append(cell_text(row.iloc[-1], signed=True))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return f"{METRICS[metric].label}: {CELL_NOTE}.\n\n" + "\n".join(lines) + "\n"
+    text = f"{METRICS[metric].label}: {CELL_NOTE}; {DIFF_NOTE}.\n\n" + "\n".join(lines) + "\n"
+    if differences is not None and not differences.empty:
+        lines = ["| BN, mode − EMA \\ N | " + " | ".join(map(str, differences.columns)) + " |",
+                 "|---|" + "---|" * len(differences.columns)]
+        lines += [f"| {label} | " + " | ".join(cell_text(v, signed=True) for v in row) + " |"
+                  for label, row in differences.iterrows()]
+        text += ("\nEach mode against EMA, the same runs evaluated both ways (paired by seed): mean [95% interval], "
+                 "in points.\n\n" + "\n".join(lines) + "\n")
+    return text
 
 
 def fig_bn_eval(long: pd.DataFrame, out: Path, metric: str, name: str = "fig_bn_eval") -> list[Path]:

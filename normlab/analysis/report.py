@@ -110,7 +110,7 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
                          f"{METRICS[metric].label}: {tables.CELL_NOTE}; GN − BN: {tables.DIFF_NOTE}.\n\n{t2_md}"))
         if bn_eval.has_modes(subset, metric):
             long = bn_eval.long_by_mode(subset, metric)
-            table_md = bn_eval.bn_eval_markdown(bn_eval.bn_eval_table(long), metric)
+            table_md = bn_eval.bn_eval_markdown(bn_eval.bn_eval_table(long), metric, bn_eval.mode_differences(long))
             table_file(f"table_bn_eval{suffix}.md", table_md)
             written["figures"] += bn_eval.fig_bn_eval(long, out, metric, f"fig_bn_eval{suffix}")
             sections.append((f"BN at test time: EMA, precise and batch statistics{heading}",
