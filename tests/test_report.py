@@ -22,7 +22,8 @@ from normlab.cli import main as report_main
 from tests.conftest import REPO, TINY, run_cli
 
 EXPECTED_FILES = ["runs.csv", "fig_batch_size.png", "fig_batch_size.pdf", "table_batch_size.md",
-                  "table_batch_size.tex", "fig_curves_bn.png", "fig_curves_gn.png", "report.md", "report.html"]
+                  "table_batch_size.tex", "fig_curves_bn.png", "fig_curves_bn.pdf", "fig_curves_gn.png", "fig_curves_gn.pdf",
+                  "report.md", "report.html"]
 
 
 def without_intervals(text: str) -> str:
@@ -501,6 +502,29 @@ def test_without_a_reading_the_median_of_5_is_not_used_on_runs_that_decay_to_zer
     assert "| BN | 10.5 ± 0.7 [4.1, 16.9] |" in (tmp_path / "cosine" / "report" / "table_batch_size.md").read_text()
     assert report_main([str(tmp_path / "step")]) == 0
     assert "| BN | 20.5 ± 0.7" in (tmp_path / "step" / "report" / "table_batch_size.md").read_text()
+    out = tmp_path / "asked"  # the median asked for by --metric on the cosine runs: used, with a warning
+    assert report_main([str(tmp_path / "cosine"), "--metric", "val_error_median5", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "chosen by --metric" in report and "**Beware**: 2 of 2 runs have fewer than 5 evaluations" in report
+    assert "| BN | 20.5 ± 0.7" in (out / "table_batch_size.md").read_text()
+
+
+def test_the_binomial_floor_widens_a_verdict_the_seeds_alone_would_decide():
+    from normlab.analysis.intervals import Estimate, binomial_floor, verdict
+
+    tight = Estimate(mean=1.0, std=0.1, n=3, low=0.75, high=1.25)  # seeds agree: the interval is above zero
+    floor = binomial_floor((40.0, 10_000), (41.0, 10_000))
+    assert floor == pytest.approx(1.96 * 100 * ((0.4 * 0.6 + 0.41 * 0.59) / 10_000) ** 0.5, rel=1e-3)
+    assert verdict(tight) == "holds" and verdict(tight, floor) == "undecided"  # 1.0 ± 1.37 covers zero
+    assert verdict(Estimate(mean=3.0, std=0.1, n=3, low=2.75, high=3.25), floor) == "holds"
+
+
+def test_figure_lines_break_where_n_has_no_runs_and_legends_spell_out_seeds():
+    from normlab.analysis.figures import _segments, seeds_text
+
+    assert _segments([32, 16, 4, 2], [32, 16, 8, 4, 2]) == [[32, 16], [4, 2]]
+    assert _segments([32, 2], [32, 16, 8, 4, 2]) == [[32], [2]]  # two points, no line across N=16, 8, 4
+    assert (seeds_text([1]), seeds_text([2, 2]), seeds_text([2, 3])) == ("1 seed", "2 seeds", "2–3 seeds")
 
 
 @pytest.mark.parametrize("content, words", [("metric: val_eror\nwhy: typo\n", "metric='val_eror'"),
