@@ -88,6 +88,7 @@ class RunSpec:
     recorded_config: dict[str, Any]
     config_yaml: str  # that record as config.yaml's text
     identity: dict[str, Any]  # the flat keys that identify the run in its summary (protocol.identity)
+    dataset: str | None = None  # the data config Hydra composed (e.g. cifar10_jpeg): provenance, not identity
 
     @property
     def run_name(self) -> str:

@@ -81,7 +81,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike, share: MachineShare = Mac
 
     data = validate(cfg)
     world = dist.init()
-    spec = resolve_run(cfg, data, world, threads=share.threads, device=share.device)
+    dataset = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    spec = resolve_run(cfg, data, world, threads=share.threads, device=share.device, dataset=dataset)
     return run_job(spec, run_dir)
 
 

@@ -184,10 +184,12 @@ def check_world(cfg: DictConfig, world: dist.World) -> None:
 
 
 def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(), *, threads: int | None = None,
-                device: str | None = None) -> RunSpec:
+                device: str | None = None, dataset: str | None = None) -> RunSpec:
     """The job's ``RunSpec``, from a config ``validate`` passed (and the `data` it resolved) and this process's
     place in the job. `threads` and `device`: what the launcher gave a job that runs beside others
-    (normlab/machine_share.py), used where the config leaves trainer.threads null and trainer.device auto."""
+    (normlab/machine_share.py), used where the config leaves trainer.threads null and trainer.device auto.
+    `dataset`: the data config's name, which only Hydra knows (``cifar10_jpeg``; its ``data.name`` is the source
+    kind, ``imagefolder``)."""
     plan = effective(cfg)
     check_world(cfg, world)
     trainer = cfg.trainer
@@ -209,7 +211,8 @@ def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(
         length=TrainingLength(epochs=trainer.epochs, eval_every=trainer.eval_every, checkpoint=trainer.checkpoint,
                               force=trainer.force, progress=ProgressBar.wanted(trainer.progress)),
         eval=OmegaConf.to_object(cfg.eval), logger=OmegaConf.to_object(cfg.logger), runtime=runtime,
-        recorded_config=recorded, config_yaml=OmegaConf.to_yaml(recorded), identity=identity(recorded))
+        recorded_config=recorded, config_yaml=OmegaConf.to_yaml(recorded), identity=identity(recorded),
+        dataset=dataset)
 
 
 def _check_device(device: str) -> None:

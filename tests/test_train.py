@@ -288,3 +288,17 @@ def test_a_job_drops_a_wandb_service_another_process_started(monkeypatch):
     monkeypatch.setenv(SERVICE_TOKEN, f"3-{os.getppid()}-tcp-localhost-4242")
     drop_inherited_service()
     assert SERVICE_TOKEN not in os.environ
+
+
+def test_the_summary_names_the_data_config_so_a_published_run_folder_needs_no_hydra_notes(tmp_path):
+    """data.name says the source kind (imagefolder); the data config's name (cifar10_jpeg) only Hydra knows, so
+    the summary records it, and a run folder published without .hydra/ still says which data set it read."""
+    import shutil
+
+    from normlab.analysis.collect import collect
+
+    run = tmp_path / "run"
+    assert run_cli(*TINY, f"hydra.run.dir={run}").returncode == 0
+    assert json.loads((run / "summary.json").read_text())["dataset"] == "synthetic"
+    shutil.rmtree(run / ".hydra")
+    assert collect([run])["dataset"].tolist() == ["synthetic"]

@@ -40,6 +40,6 @@ def summarize(spec: RunSpec, rows: list[dict], status: str, wall_time_s: float,
            for key, value in ((f"val_error_{mode}", evaluated[-1].get(f"val_error_{mode}")),
                               (f"val_error_{mode}_median5", median_of_last(evaluated, f"val_error_{mode}")))},
         "epochs": len(rows), "wall_time_s": round(wall_time_s, 3),
-        **spec.identity, **facts,
+        **spec.identity, "dataset": spec.dataset, **facts,
         "normlab_version": normlab.__version__, "git_commit": git_commit(),
     }
