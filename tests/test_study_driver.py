@@ -90,8 +90,8 @@ def test_a_rerun_of_a_finished_run_compares_every_number_it_recorded(finished_ru
 
     def rerun(what: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce_cifar10_resnet20.py"), "--study",
-                               str(REPO), "--sweep", str(sweep), "--rerun", what], capture_output=True, text=True,
-                              timeout=300)
+                               str(REPO), "--sweep", str(sweep), "--any-cpu", "--rerun", what], capture_output=True,
+                              text=True, timeout=300)
 
     same = rerun(name)
     assert same.returncode == 0, same.stdout + same.stderr
