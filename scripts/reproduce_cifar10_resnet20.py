@@ -24,6 +24,9 @@ checkout). This script only schedules, so main's copy may drive a worktree at S:
     NORMLAB_CIFAR10_JPEG=... python scripts/reproduce_cifar10_resnet20.py --study ../study --epoch-seconds 260 \
         --published results/reference/cifar10_resnet20/runs --hours 2.7
 
+The study's jobs pin bf16, which a CPU without AVX512-BF16 or AMX emulates many times slower, so on such a CPU
+the script starts nothing and says so (exit 2) unless given `--any-cpu`.
+
 Before the study is published, `--rerun NAME` runs one finished run again at S (into the sweep's rerun/ folder)
 and compares every number it recorded with the finished run's, timings and the CPU's name aside: exit 0 when all
 are identical.
