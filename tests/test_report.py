@@ -80,7 +80,7 @@ def test_table_2_equals_means_computed_from_the_summaries(sweep):
         for column, n in enumerate((4, 2)):
             errors = [s["val_error_median5"] for s in summaries if s["norm"] == norm and s["per_worker_batch"] == n]
             assert rows[label][column] == f"{statistics.mean(errors):.1f}"  # one seed: no ± to show
-    gap = [float(c) for c in rows["GN − BN"]]
+    gap = [float(c.replace("−", "-")) for c in rows["GN − BN"]]  # the minus sign
     bn = [float(c) for c in rows["BN"]]
     gn = [float(c) for c in rows["GN"]]
     assert gap == pytest.approx([g - b for g, b in zip(gn, bn)], abs=0.11)
@@ -429,7 +429,7 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
     assert "| BN, precise | 19.5 ± 0.7 | 30.5 ± 0.7 | +11.0 |" in table
     assert "| BN, batch | 21.5 ± 0.7 | 26.5 ± 0.7 | +5.0 |" in table
     assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
-    assert "| precise − EMA | -1.0 | -5.0 |" in table and "| batch − EMA | +1.0 | -9.0 |" in table
+    assert "| precise − EMA | −1.0 | −5.0 |" in table and "| batch − EMA | +1.0 | −9.0 |" in table
     # each seed's rise is the same 15.0: paired by seed (fixed total batch), its interval has no width
     assert "+15.0 [+15.0, +15.0]" in (tmp_path / "report" / "table_bn_eval.md").read_text()
     assert (tmp_path / "report" / "fig_bn_eval.png").is_file()

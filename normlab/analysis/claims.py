@@ -20,7 +20,7 @@ import pandas as pd
 
 from normlab.analysis.cells import DEFAULT_METRIC, Cells, main_setting
 from normlab.analysis.intervals import FAILS, HOLDS, UNDECIDED, Estimate, judged, verdict
-from normlab.analysis.metrics_info import norm_label
+from normlab.analysis.metrics_info import norm_label, with_sign
 from normlab.analysis.reference import paper_table
 from normlab.protocol import FIXED_TOTAL
 
@@ -65,8 +65,8 @@ def findings(runs: pd.DataFrame, metric: str = DEFAULT_METRIC, protocol: str | N
 
     if has("bn", big) and has("bn", small) and big != small:
         rise = cells.difference(("bn", small), ("bn", big))
-        out.append(_finding(f"BN's error rises from N={big} to N={small}", f"{rise.mean:+.1f} points",
-                            f"{paper2[('bn', 2)] - paper2[('bn', 32)]:+.1f} points (N=32 → 2)", rise,
+        out.append(_finding(f"BN's error rises from N={big} to N={small}", f"{with_sign(rise.mean)} points",
+                            f"{with_sign(paper2[('bn', 2)] - paper2[('bn', 32)])} points (N=32 → 2)", rise,
                             cells.floor(("bn", small), ("bn", big))))
     if cells.protocol != FIXED_TOTAL:
         gn = sorted((at("gn", n), n) for n in batches if has("gn", n))
@@ -80,15 +80,15 @@ def findings(runs: pd.DataFrame, metric: str = DEFAULT_METRIC, protocol: str | N
                                 spread.shifted(GN_FLAT_POINTS, -1), cells.floor(("gn", n_high), ("gn", n_low))))
     if has("gn", small) and has("bn", small):
         gap = cells.difference(("bn", small), ("gn", small))
-        out.append(_finding(f"GN beats BN at N={small}", f"BN − GN = {gap.mean:+.1f} points",
-                            f"BN − GN = {paper2[('bn', 2)] - paper2[('gn', 2)]:+.1f} points (N=2)", gap,
+        out.append(_finding(f"GN beats BN at N={small}", f"BN − GN = {with_sign(gap.mean)} points",
+                            f"BN − GN = {with_sign(paper2[('bn', 2)] - paper2[('gn', 2)])} points (N=2)", gap,
                             cells.floor(("bn", small), ("gn", small))))
     paper1 = paper_table("table1").set_index("norm")["val_error_top1"]
     if has("gn", big) and has("bn", big):
         lag = cells.difference(("gn", big), ("bn", big))
         out.append(_finding(f"GN is close to BN at N={big} (trails by < {GN_NEAR_BN_POINTS:g} point)",
-                            f"GN − BN = {lag.mean:+.1f} points",
-                            f"GN − BN = {paper1['gn'] - paper1['bn']:+.1f} points (Table 1, N=32)",
+                            f"GN − BN = {with_sign(lag.mean)} points",
+                            f"GN − BN = {with_sign(paper1['gn'] - paper1['bn'])} points (Table 1, N=32)",
                             lag.shifted(GN_NEAR_BN_POINTS, -1), cells.floor(("gn", big), ("bn", big))))
     ranked = [n for n in ORDER if has(n, big)]
     if len(ranked) > 1:
@@ -135,10 +135,10 @@ def _margin_text(f: Finding) -> str:
         return "–"
     low, high = f.interval
     if low is None:
-        return f"{f.margin.mean:+.1f} (one seed: no interval)"
+        return f"{with_sign(f.margin.mean)} (one seed: no interval)"
     widened = " (binomial floor)" if f.floor > (f.margin.half_width or 0) else ""
     pairing = "paired" if f.margin.paired else "unpaired"
-    return f"{f.margin.mean:+.1f} [{low:+.1f}, {high:+.1f}]{widened}, {pairing}, {f.margin.n} seeds"
+    return f"{with_sign(f.margin.mean)} [{with_sign(low)}, {with_sign(high)}]{widened}, {pairing}, {f.margin.n} seeds"
 
 
 def findings_markdown(items: list[Finding], seeds: int | None = None) -> str:

@@ -49,6 +49,14 @@ NORM_MARKERS = {"bn": "o", "gn": "s", "ln": "^", "in": "D", "none": "x", "brn": 
 NORM_ORDER = list(NORM_LABELS)
 
 
+MINUS = "−"  # the typographic minus: labels ("GN − BN") and numbers use the same sign
+
+
+def with_sign(value: float) -> str:
+    """A difference with its sign and one decimal: "+1.2", "−0.6" (a minus sign, not a hyphen)."""
+    return f"{value:+.1f}".replace("-", MINUS)
+
+
 def norm_label(norm: str) -> str:
     return NORM_LABELS.get(norm, norm)
 

@@ -25,6 +25,7 @@ import pandas as pd
 from normlab.analysis.cells import finished, main_setting
 from normlab.analysis.figures import STYLE, plt, save
 from normlab.analysis.intervals import binomial_floor, estimate, verdict
+from normlab.analysis.metrics_info import with_sign
 
 DIFFERENCES = {  # column: (label, colour; Okabe-Ito, colour-blind safe)
     "lag": ("GN − BN(N={big}): GN's lag", "#D55E00"),
@@ -165,7 +166,7 @@ def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame, metric_label: st
     big, small = int(seeds["big"].iloc[0]), int(seeds["small"].iloc[0])
 
     def cell(row, column):
-        text = f"{row[column]:+.1f}"
+        text = with_sign(row[column])
         if not math.isnan(row[f"{column}_sd"]):
             text += f" ± {row[f'{column}_sd']:.1f} [±{row[f'{column}_ci']:.1f}]"
         return text

@@ -17,7 +17,7 @@ from normlab.analysis.cells import Cells
 from normlab.analysis.claims import findings, findings_markdown, sanity, sanity_markdown
 from normlab.analysis.collect import collect_curves, write_runs
 from normlab.analysis.html_page import to_html
-from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label
+from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label, with_sign
 from normlab.analysis.provenance import provenance_markdown
 from normlab.analysis.reading import Reading, choose, reading_markdown
 from normlab.analysis.reference import paper_table
@@ -30,7 +30,7 @@ def paper_markdown() -> str:
     for norm in sorted(t2.index, key=norm_sort_key):
         lines.append(f"| {norm_label(norm)} | " + " | ".join(f"{v:.1f}" for v in t2.loc[norm]) + " |")
     gap = t2.loc["gn"] - t2.loc["bn"]
-    lines.append("| GN − BN | " + " | ".join(f"{v:+.1f}" for v in gap) + " |")
+    lines.append("| GN − BN | " + " | ".join(with_sign(v) for v in gap) + " |")
     t1 = paper_table("table1").sort_values("norm", key=lambda c: c.map(norm_sort_key))
     table1 = " · ".join(f"{norm_label(r.norm)} {r.val_error_top1:.1f}" for r in t1.itertuples())
     return "\n".join(lines) + f"\n\nTable 1 (32 images per GPU): {table1}\n"

@@ -12,7 +12,7 @@ import pandas as pd
 
 from normlab.analysis.cells import DEFAULT_METRIC, Cells, finished, main_setting, stats
 from normlab.analysis.intervals import Estimate
-from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key
+from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, with_sign
 from normlab.analysis.reference import paper_table
 from normlab.protocol import PAPER
 
@@ -43,15 +43,21 @@ def cell_text(value, signed: bool = False) -> str:
         return value
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "–"
-    text = f"{value.mean:+.1f}" if signed else f"{value.mean:.1f}"
+    number = with_sign if signed else "{:.1f}".format
+    text = number(value.mean)
     if value.n < 2:
         return text
-    spread, bound = ("", "{:+.1f}") if signed else (f" ± {value.std:.1f}", "{:.1f}")
-    interval = "" if value.low is None else f" [{bound.format(value.low)}, {bound.format(value.high)}]"
+    spread = "" if signed else f" ± {value.std:.1f}"
+    interval = "" if value.low is None else f" [{number(value.low)}, {number(value.high)}]"
     return text + spread + interval
 
 
+LATEX_SPECIALS = {"%": r"\%", "&": r"\&", "#": r"\#", "_": r"\_"}  # characters LaTeX reads as commands
+
+
 def latex_text(text: str) -> str:
+    """Table text as LaTeX: its special characters escaped, ±, –, − and Δ as LaTeX writes them."""
+    text = "".join(LATEX_SPECIALS.get(c, c) for c in text)
     return text.replace("±", r"$\pm$").replace("–", "--").replace("−", "$-$").replace("Δ", r"$\Delta$")
 
 
@@ -151,7 +157,7 @@ def norms_table(runs: pd.DataFrame, metric: str = DEFAULT_METRIC) -> pd.DataFram
 def _norms_rows(table: pd.DataFrame) -> list[list[str]]:
     return [[norm_label(r.norm), cell_text(r.ours), cell_text(r.delta, signed=True), str(r.ours.n),
              "–" if pd.isna(r.paper) else f"{r.paper:.1f}",
-             "–" if r.paper_delta is None or pd.isna(r.paper_delta) else f"{r.paper_delta:+.1f}"]
+             "–" if r.paper_delta is None or pd.isna(r.paper_delta) else with_sign(r.paper_delta)]
             for r in table.itertuples(index=False)]
 
 
