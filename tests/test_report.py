@@ -564,3 +564,12 @@ def test_every_norms_colour_and_the_curves_ramp_keep_3_to_1_contrast_on_white():
     colours = {**NORM_COLORS, "ramp end": ramp(RAMP_END)}
     assert {name: round(contrast_on_white(c), 2) for name, c in colours.items() if contrast_on_white(c) < 3} == {}
     assert len(set(NORM_COLORS.values())) == len(NORM_COLORS)  # the same norm always one colour, no two alike
+
+
+def test_latex_tables_escape_what_latex_reads_as_commands_and_write_one_minus_sign():
+    from normlab.analysis.metrics_info import with_sign
+    from normlab.analysis.tables import latex_text
+
+    assert latex_text("error (%) & x_1 #2: −0.6 ± 1.0 – Δ") == \
+        r"error (\%) \& x\_1 \#2: $-$0.6 $\pm$ 1.0 -- $\Delta$"
+    assert (with_sign(-0.64), with_sign(0.0), with_sign(2.26)) == ("−0.6", "+0.0", "+2.3")
