@@ -79,9 +79,9 @@ def mode_differences(long: pd.DataFrame) -> pd.DataFrame:
         line = bn[bn["mode"] == mode]
         if mode == "ema" or line.empty or ema.empty:
             continue
-        rows[f"{mode} − EMA"] = {n: difference(per_seed(line, n), per_seed(ema, n), paired=True)
-                                 if not per_seed(line, n).empty and not per_seed(ema, n).empty else None
-                                 for n in batches}
+        pairs = {n: (per_seed(line, n), per_seed(ema, n)) for n in batches}
+        rows[f"{mode} − EMA"] = {n: difference(a, b, paired=True) if not (a.empty or b.empty) else None
+                                 for n, (a, b) in pairs.items()}
     return pd.DataFrame(rows).T
 
 

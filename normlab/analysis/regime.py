@@ -94,8 +94,8 @@ def budget_summary(seeds: pd.DataFrame) -> pd.DataFrame:
         row = {"epochs": int(epochs), "images": cell["images"].iloc[0], "steps": cell["steps"].iloc[0],
                "seeds": len(cell), "bn_big": cell["bn_big"].mean(), "bn_small": cell["bn_small"].mean(),
                "gn": cell["gn"].mean()}
-        for column in DIFFERENCES:
-            spread = estimate(cell[column])
+        spreads = {column: estimate(cell[column]) for column in DIFFERENCES}
+        for column, spread in spreads.items():
             row[column] = spread.mean
             row[f"{column}_sd"] = spread.std if spread.n >= 2 else math.nan
             row[f"{column}_ci"] = math.nan if spread.half_width is None else spread.half_width
@@ -104,7 +104,7 @@ def budget_summary(seeds: pd.DataFrame) -> pd.DataFrame:
         row["threshold"] = max(2 * row["margin_sd"], 2 * row["binomial"]) if row["seeds"] >= 2 else math.nan
         row["clears"] = bool(row["seeds"] >= 2 and row["margin"] > row["threshold"])
         floor = binomial_floor((row["bn_small"], test_size), (row["gn"], test_size))
-        row["interval"] = verdict(estimate(cell["margin"]), floor)  # the report's general reading, beside the rule
+        row["interval"] = verdict(spreads["margin"], floor)  # the report's general reading, beside the rule
         rows.append(row)
     return pd.DataFrame(rows).sort_values("epochs").reset_index(drop=True)
 
