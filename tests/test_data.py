@@ -66,6 +66,19 @@ def test_train_loader_shuffles_deterministically_per_epoch_and_drops_the_last_pa
     assert all(len(y) == 4 for _, y in loader.epoch(1))
 
 
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+def test_an_epoch_started_at_step_k_gives_the_whole_epochs_batches_from_k_on(shard):
+    """A run resumed mid-epoch: order and augmentation as if the epoch had run from its start (the reference)."""
+    images = torch.randint(0, 256, (40, 3, 6, 6), dtype=torch.uint8)
+    loader = DeviceLoader(images, torch.arange(40), 8, Normalize(torch.zeros(3), torch.ones(3), "cpu"), train=True,
+                          padding=2, flip=True, seed=3, shard=shard)
+    whole = list(loader.epoch(2))
+    for k in range(len(whole) + 1):
+        tail = list(loader.epoch(2, start=k))
+        assert len(tail) == len(whole) - k
+        assert all(torch.equal(x, wx) and torch.equal(y, wy) for (x, y), (wx, wy) in zip(tail, whole[k:]))
+
+
 def test_eval_loader_keeps_order_and_every_sample():
     images = torch.zeros(10, 1, 2, 2, dtype=torch.uint8)
     loader = DeviceLoader(images, torch.arange(10), 4, Normalize(torch.zeros(1), torch.ones(1), "cpu"), train=False)
@@ -247,6 +260,26 @@ def test_large_imagefolder_streams_through_a_dataloader(tmp_path):
     assert len(batches) == len(loaders.train) == 4 and batches[0][0].shape == (4, 3, 8, 8)
     assert batches[0][0].dtype == torch.float32
     assert sum(len(y) for _, y in loaders.test.epoch(1)) == 9
+
+
+@pytest.mark.parametrize("shard", [(0, 1), (1, 3)])
+def test_a_streamed_epoch_is_the_same_for_any_worker_count_and_from_any_step(tmp_path, shard):
+    """Each image's crop comes from its place in the epoch: 0 or 2 DataLoader workers, or an epoch started at step
+    k (a run resumed mid-epoch), give the uninterrupted single-process epoch's batches."""
+    write_image_tree(tmp_path / "t", per_class=(8, 2), size=(14, 11))
+    loaders = {workers: build(data_cfg(name="imagefolder", root=str(tmp_path / "t"), image_size=8, in_memory_max_gb=0.0,
+                                       loader_workers=workers), 6, torch.device("cpu"), seed=4, shard=shard)
+               for workers in (0, 2)}
+    whole = list(loaders[0].train.epoch(3))
+    assert len(whole) == 4 and len({x.sum().item() for x, _ in whole}) == 4
+    for workers, k in ((0, 0), (2, 0), (0, 1), (2, 3), (0, 4)):
+        tail = list(loaders[workers].train.epoch(3, start=k))
+        assert len(tail) == len(whole) - k
+        assert all(torch.equal(x, wx) and torch.equal(y, wy) for (x, y), (wx, wy) in zip(tail, whole[k:]))
+    before = torch.get_rng_state()
+    list(loaders[0].train.epoch(1))
+    assert torch.equal(torch.get_rng_state(), before)  # the crops' seeds leave torch's own generator alone
+    assert [x.sum().item() for x, _ in loaders[0].train.epoch(1)] != [x.sum().item() for x, _ in whole]
 
 
 @pytest.mark.slow

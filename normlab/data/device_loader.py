@@ -4,7 +4,8 @@ A small-batch sweep takes thousands of steps per epoch; a DataLoader of PIL imag
 each one in Python. Here the whole set sits on the device, a batch is one index, and random crop
 (with zero padding) and horizontal flip are drawn per sample but applied to the batch at once.
 Every epoch's order and augmentation come from a generator seeded by (seed, epoch), so an epoch
-is the same whether or not the run was interrupted before it.
+is the same whether or not the run was interrupted before it, or in it: an epoch started at step k
+replays the first k steps' draws (without touching an image) and goes on as the whole epoch would.
 """
 
 from __future__ import annotations
@@ -21,6 +22,14 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
 
 
+def draw_crop_flip(total: int, padding: int, flip: bool, generator: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One batch's random draws: crop offsets (2, total, 1) and flips (total,), in the order the batch uses them."""
+    offsets = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator, device=device) if padding else None
+    flipped = torch.rand(total, generator=generator, device=device) < 0.5 if flip else None
+    return offsets, flipped
+
+
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator,
                      share: slice = slice(None), total: int | None = None) -> torch.Tensor:
     """Per sample: a random crop of the zero-padded image, at its original size, and (if `flip`) a
@@ -28,8 +37,7 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     made for all `total` and the share's are applied, so it gets exactly what a single process would give it."""
     _, _, h, w = images.shape
     device, total = images.device, images.shape[0] if total is None else total
-    offsets = torch.randint(0, 2 * padding + 1, (2, total, 1), generator=generator, device=device) if padding else None
-    flipped = torch.rand(total, generator=generator, device=device) < 0.5 if flip else None
+    offsets, flipped = draw_crop_flip(total, padding, flip, generator, device)
     if padding:
         offsets = offsets[:, share]
         b = images.shape[0]
@@ -87,9 +95,10 @@ class DeviceLoader:
             return self.num_samples // self.batch_size
         return -(-self.num_samples // self.batch_size)
 
-    def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
-        """Training: the epoch's seeded order and augmentation. Test: in order, or (`shuffled`) in one fixed
-        random order, the same for every run: batches that mix the classes, as training's do."""
+    def epoch(self, epoch: int, *, shuffled: bool = False, start: int = 0) -> Iterator[Batch]:
+        """Training: the epoch's seeded order and augmentation, from step `start` on (a run resumed mid-epoch).
+        Test: in order, or (`shuffled`) in one fixed random order, the same for every run: batches that mix
+        the classes, as training's do."""
         rank, ranks = self.shard
         if not self.train:
             order = torch.randperm(self.num_samples, generator=epoch_generator(0, 0, self.images.device),
@@ -104,6 +113,10 @@ class DeviceLoader:
         share = slice(rank * per_rank, (rank + 1) * per_rank)
         for step in range(len(self)):
             index = order[step * self.batch_size:(step + 1) * self.batch_size]
+            if step < start:  # done before the run stopped: its draws only, so the generator is where it was
+                if self.augment:
+                    draw_crop_flip(len(index), self.padding, self.flip, generator, self.images.device)
+                continue
             images = self.images[index[share]]
             if self.augment:
                 images = random_crop_flip(images, self.padding, self.flip, generator, share, len(index))

@@ -3,8 +3,10 @@
 Training images get the ImageNet recipe (random resized crop and flip); evaluation images are
 resized to 1/0.875 of the size and center-cropped. Batches arrive as uint8 and are normalized on
 the device, as the in-memory loader does. The order is seeded by (seed, epoch), and a rank of a job on
-several processes takes its slice of each global batch, as there (the crops come from the DataLoader
-workers' own generators).
+several processes takes its slice of each global batch, as there. Each training image's crop and flip are
+seeded by its place in the epoch, not by the DataLoader worker that happens to decode it: an epoch is the
+same for any number of workers, and one started at step k (a run resumed mid-epoch) gives the whole
+epoch's batches from k on.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.selection.tree.open_image(self.names[i])), self.labels[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Image `key`, or (image, seed): its random transform drawn from that seed, torch's own RNG untouched."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
+        image = self.selection.tree.open_image(self.names[i])
+        if seed is None:
+            return self.transform(image), self.labels[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), self.labels[i]
 
 
 class StreamLoader:
@@ -52,24 +61,28 @@ class StreamLoader:
     def __len__(self) -> int:
         return self.num_samples // self.batch_size if self.train else -(-self.num_samples // self.batch_size)
 
-    def batches(self, epoch: int, shuffled: bool) -> list[list[int]]:
-        """This rank's image indices, batch by batch: its slice of each global training batch, or its share
-        of the test batches (every ranks-th)."""
+    def batches(self, epoch: int, shuffled: bool) -> list[list]:
+        """This rank's image keys, batch by batch: its slice of each global training batch, as (index, seed of
+        its augmentation) pairs, or its share of the test batches (every ranks-th) as indices."""
         n, size = self.num_samples, self.batch_size
-        order = range(n)
+        order, seeds = list(range(n)), None
         if self.train or shuffled:  # a shuffled test pass: one fixed order, the same for every run
-            seed, index = (self.seed, epoch) if self.train else (0, 0)
-            order = torch.randperm(n, generator=epoch_generator(seed, index, torch.device("cpu"))).tolist()
+            generator = epoch_generator(*((self.seed, epoch) if self.train else (0, 0)), torch.device("cpu"))
+            order = torch.randperm(n, generator=generator).tolist()
+            if self.train:
+                seeds = torch.randint(0, 2**62, (n,), generator=generator).tolist()
         rank, ranks = self.shard
         if not self.train:
-            return [list(order[start:start + size]) for start in range(rank * size, n, ranks * size)]
+            return [order[start:start + size] for start in range(rank * size, n, ranks * size)]
         per_rank = size // ranks
-        return [list(order[step * size + rank * per_rank:step * size + (rank + 1) * per_rank])
-                for step in range(len(self))]
+        first = [step * size + rank * per_rank for step in range(len(self))]  # each batch's first position
+        return [[(order[p], seeds[p]) for p in range(f, f + per_rank)] for f in first]
 
-    def epoch(self, epoch: int, *, shuffled: bool = False) -> Iterator[Batch]:
-        loader = DataLoader(self.dataset, batch_sampler=self.batches(epoch, shuffled), num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+    def epoch(self, epoch: int, *, shuffled: bool = False, start: int = 0) -> Iterator[Batch]:
+        """The epoch's batches from step `start` on (training; a run resumed mid-epoch), as DeviceLoader.epoch."""
+        loader = DataLoader(self.dataset, batch_sampler=self.batches(epoch, shuffled)[start:],
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
+                            generator=epoch_generator(self.seed, epoch, torch.device("cpu")))  # not torch's own
         try:
             for images, labels in loader:
                 images = images.to(self.device, non_blocking=True)
