@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> str:
               preemption.deferred(dist.launched() is None)):
             summary = train(cfg, run_dir, share)  # validates first: ConfigError before anything is read
     except preemption.Preempted as e:  # recorded as preempted, folder released: now the handler before ours
-        log.warning("%s after a whole epoch's checkpoint; rerun the same command to resume", e)
+        log.warning("%s; rerun the same command to go on from there", e)
         preemption.hand_on(e.signum)
     except ConfigError as e:  # RunFolderBusy too: another process has the folder
         if in_multirun():

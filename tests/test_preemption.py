@@ -1,8 +1,9 @@
 """Preemption as schedulers send it, with real signals: SIGTERM, SIGUSR1, SIGUSR2 to a training job.
 
-The job finishes its step, keeps its last epoch's checkpoint, records itself as ``preempted`` and exits with
-128 + the signal (or hands the signal to the handler installed before normlab's: submitit's requeues the job).
-A rerun resumes and ends with an uninterrupted run's metrics (the reference: the same job never signalled).
+The job finishes its step, checkpoints that step, records itself as ``preempted`` and exits with 128 + the
+signal (or hands the signal to the handler installed before normlab's: submitit's requeues the job). A rerun
+goes on from the next step and ends with an uninterrupted run's metrics (the reference: the same job never
+signalled).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from normlab.engine.checkpoint import read_checkpoint
 from normlab.records import read_metrics
 from tests.conftest import REPO, run_cli
 
@@ -70,14 +72,56 @@ def test_a_signal_mid_run_records_preempted_exits_128_plus_it_and_the_rerun_ends
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signum, output[-3000:]
     assert "Traceback" not in output and f"preempted by {signal.Signals(signum).name}" in output
-    assert summary(tmp_path)["status"] == "preempted"
     rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) < EPOCHS  # no partial epoch
+    stopped_in = stopped_at_a_step(tmp_path, len(rows))
+    assert f"in epoch {stopped_in['epoch']} after step {stopped_in['step']} of {STEPS}" in output
 
     resumed = run_cli(*JOB, f"hydra.run.dir={tmp_path}")
-    assert resumed.returncode == 0 and "resuming" in resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0
+    assert f"in epoch {stopped_in['epoch']} at step {stopped_in['step'] + 1} of {STEPS}" in resumed.stdout + resumed.stderr
     assert comparable(read_metrics(tmp_path / "metrics.jsonl")) == uninterrupted
     assert summary(tmp_path)["status"] == "done"
+
+
+STEPS = 384 // 16  # per epoch: data.num_train over N·W
+
+
+def stopped_at_a_step(folder: Path, epochs_done: int) -> dict:
+    """The preempted run's summary and checkpoint agree on where it stopped: a step of the epoch after the last
+    recorded one (the checkpoint holds that step, with the epoch's totals so far)."""
+    record = summary(folder)
+    assert record["status"] == "preempted" and record["preempted_at"]["epoch"] == epochs_done + 1
+    state = read_checkpoint(folder / "checkpoint.pt")
+    assert state["epoch"] == epochs_done and state["stopped_epoch"]["steps"] == record["preempted_at"]["step"]
+    assert 1 <= state["stopped_epoch"]["steps"] <= STEPS and state["stopped_epoch"]["count"] == 16 * state[
+        "stopped_epoch"]["steps"]
+    assert state["schedule"]["last_step"] == epochs_done * STEPS + state["stopped_epoch"]["steps"]
+    return record["preempted_at"]
+
+
+def test_a_streamed_run_signalled_twice_goes_on_from_each_stopped_step_to_an_uninterrupted_runs_metrics(tmp_path):
+    """Streamed images (a DataLoader worker decodes them): each crop is seeded by its place in the epoch, so the
+    rerun's epoch from the stopped step on is the uninterrupted epoch's."""
+    from tests.test_data import write_image_tree
+
+    write_image_tree(tmp_path / "images", per_class=(32, 4), size=(18, 18))
+    job = ["data=imagefolder", f"data.root={tmp_path / 'images'}", "data.image_size=16", "data.in_memory_max_gb=0",
+           "data.loader_workers=1", *(key for key in JOB if not key.startswith("data"))]
+    assert run_cli(*job, f"hydra.run.dir={tmp_path / 'whole'}").returncode == 0
+    uninterrupted = comparable(read_metrics(tmp_path / "whole" / "metrics.jsonl"))
+    run = tmp_path / "run"
+    for signal_after in (1, 3):  # epochs recorded before each signal
+        proc = start([sys.executable, "-m", "normlab.train", *job, f"hydra.run.dir={run}"])
+        wait_for_epochs(run, "metrics.jsonl", signal_after, proc)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in output, output[-3000:]
+        summary_before = summary(run)
+        assert summary_before["status"] == "preempted" and summary_before["preempted_at"]["step"] >= 1
+    resumed = run_cli(*job, f"hydra.run.dir={run}")
+    assert resumed.returncode == 0 and f"at step {summary_before['preempted_at']['step'] + 1} of" in resumed.stdout + resumed.stderr
+    assert comparable(read_metrics(run / "metrics.jsonl")) == uninterrupted
 
 
 EARLIER_HANDLER = """

@@ -118,3 +118,23 @@ def test_the_summary_counts_the_epochs_metrics_jsonl_holds_when_a_resume_fails(t
         train(tiny("trainer.epochs=2"), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["epochs"] == len(read_metrics(tmp_path / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("stopped_epoch", [
+    {"steps": "3"}, [1, 2], {"steps": True, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": 2.5, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": -1, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": 10_000, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+])
+def test_a_checkpoints_stopped_epoch_that_makes_no_sense_is_moved_aside_and_the_rerun_uses_the_previous_one(
+        tiny, tmp_path, stopped_epoch):
+    """The step a preempted run stopped at is data from disk: nonsense fails the job by name, nothing runs on it."""
+    train(tiny("trainer.epochs=2"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["stopped_epoch"] = stopped_epoch
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="checkpoint.pt does not fit this job .*(stopped epoch|step 10000).* moved aside"):
+        train(tiny("trainer.epochs=2"), tmp_path)
+    assert train(tiny("trainer.epochs=2"), tmp_path)["status"] == "done"  # from checkpoint.prev.pt (epoch 1)
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]

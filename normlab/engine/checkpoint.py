@@ -1,7 +1,8 @@
 """Atomic checkpoints: everything needed to continue a run exactly where it stopped, and nothing that runs code.
 
 Saved as tensors and plain containers and read with ``weights_only=True``, so a planted checkpoint cannot
-execute anything. The one before the latest is kept: a checkpoint that cannot be read is moved aside
+execute anything. Written at the end of every epoch and, when a preemption signal stops an epoch, at that
+step: then it also holds the stopped epoch (its steps, totals and time), and the run goes on from there. The one before the latest is kept: a checkpoint that cannot be read is moved aside
 (``checkpoint.pt.corrupt-<time>``), with a warning, and the run resumes from the previous one, or starts over.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from normlab.engine.loop import StoppedEpoch
 from normlab.records import RunDir, atomic_write
 
 log = logging.getLogger("normlab")
@@ -35,13 +37,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(records: RunDir, *, model, optimizer, schedule, epoch: int, metrics: list[dict],
-                    wall_time_s: float, memory_format: str = "contiguous") -> None:
+                    wall_time_s: float, memory_format: str = "contiguous", stopped: StoppedEpoch | None = None) -> None:
     """The latest state into checkpoint.pt (atomically), the one it replaces kept as checkpoint.prev.pt.
-    A write that fails (WriteFailed) leaves both as they were."""
+    `epoch`: the epochs done; `stopped`: how far the next one got. A write that fails (WriteFailed) leaves both
+    as they were."""
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
         "epoch": epoch, "metrics": metrics, "wall_time_s": wall_time_s, "rng": rng_state(),
-        "memory_format": memory_format,
+        "memory_format": memory_format, "stopped_epoch": stopped.state() if stopped else None,
     }
     atomic_write(records.checkpoint, lambda f: torch.save(state, f), keep_previous=records.previous_checkpoint)
 
@@ -77,8 +80,9 @@ def read_resume_state(records: RunDir) -> dict[str, Any] | None:
     return None
 
 
-def restore_checkpoint(state: dict[str, Any], *, model, optimizer, schedule) -> dict[str, Any]:
-    """Restore model, optimizer, schedule and RNG from `state`; return the rest (epoch, metrics, wall_time_s)."""
+def restore_checkpoint(state: dict[str, Any], *, model, optimizer, schedule) -> StoppedEpoch | None:
+    """Restore model, optimizer, schedule and RNG from `state`; return the stopped epoch it holds, if any."""
+    stopped = StoppedEpoch.from_state(state["stopped_epoch"]) if state.get("stopped_epoch") is not None else None
     model.load_state_dict(state["model"])
     built = [dict(group) for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
@@ -89,4 +93,4 @@ def restore_checkpoint(state: dict[str, Any], *, model, optimizer, schedule) -> 
             group["lr"] = before["lr"]
     schedule.load_state_dict(state["schedule"])
     set_rng_state(state["rng"])
-    return {"epoch": state["epoch"], "metrics": state["metrics"], "wall_time_s": state["wall_time_s"]}
+    return stopped

@@ -2,14 +2,16 @@
 
 Losses and counts accumulate on the device and are read once at the end: no host-device sync per
 step. The progress callback, when given, may read them every few steps. In a job on several processes
-each rank sees its share of the images, and the read sums the ranks' totals.
+each rank sees its share of the images, and the read sums the ranks' totals. An epoch that a preemption
+signal stops ends as a ``StoppedEpoch`` (steps done, totals, time), which the checkpoint keeps and from
+which the epoch goes on when the run resumes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,35 @@ from torch import nn
 
 from normlab.engine import dist, preemption
 from normlab.engine.step import TrainStep, autocast
+
+
+@dataclass(frozen=True)
+class StoppedEpoch:
+    """An epoch stopped after `steps` steps: its sums and image count so far, and its training time."""
+
+    steps: int
+    loss: float
+    errors: float
+    errors_top5: float
+    count: int
+    time_s: float
+
+    def state(self) -> dict[str, float | int]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "StoppedEpoch":
+        """Read back from a checkpoint (data from disk): ValueError unless every field is there with its type."""
+        values = {}
+        for field in fields(cls):
+            value = state.get(field.name) if isinstance(state, dict) else None
+            kind = int if field.type == "int" else float
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ValueError(f"the stopped epoch's {field.name} is {value!r}, not a number of type {kind.__name__}")
+            values[field.name] = kind(value)
+        if values["steps"] < 0 or values["count"] < 0:
+            raise ValueError(f"the stopped epoch's steps/count are {values['steps']}/{values['count']}: negative")
+        return cls(**values)
 
 
 @dataclass
@@ -41,6 +72,15 @@ class Totals:
             self.errors_top5 += (~(top == labels[:, None]).any(dim=1)).sum()
         self.count += len(labels)
 
+    @classmethod
+    def resumed(cls, stopped: StoppedEpoch, device: torch.device) -> "Totals":
+        t = lambda x: torch.tensor(x, device=device, dtype=torch.float64)  # noqa: E731
+        return cls(t(stopped.loss), t(stopped.errors), t(stopped.errors_top5), stopped.count)
+
+    def stopped(self, steps: int, time_s: float) -> StoppedEpoch:
+        loss, errors, errors5 = torch.stack([self.loss, self.errors, self.errors_top5]).tolist()
+        return StoppedEpoch(steps, loss, errors, errors5, self.count, time_s)
+
     def read(self) -> dict[str, float]:
         """Mean loss and top-1/top-5 error in %, over every rank's images, read from the device once."""
         sums = dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
@@ -50,23 +90,34 @@ class Totals:
         return {"loss": loss / n, "error": 100.0 * errors / n, "error_top5": 100.0 * errors5 / n}
 
 
-def train_epoch(step: TrainStep, batches, schedule, *,
-                progress: Callable[[int, Totals], None] | None = None) -> tuple[dict[str, float], float]:
-    """Train on every batch once with `step` (eager or a CUDA graph). Returns the epoch's mean metrics and
-    its wall time in seconds."""
+@dataclass(frozen=True)
+class EpochResult:
+    """A whole epoch's mean metrics and wall time, or, stopped by a preemption signal, where it stopped."""
+
+    metrics: dict[str, float] | None
+    time_s: float
+    stopped: StoppedEpoch | None = None
+
+
+def train_epoch(step: TrainStep, batches, schedule, *, resume: StoppedEpoch | None = None,
+                progress: Callable[[int, Totals], None] | None = None) -> EpochResult:
+    """Train on every batch once with `step` (eager or a CUDA graph). `resume`: the epoch stopped there before,
+    and `batches` begin at its next step. A preemption signal stops the epoch after the step it is in."""
     step.model.train()
-    totals = Totals.zeros(step.device)
+    totals = Totals.resumed(resume, step.device) if resume else Totals.zeros(step.device)
+    done, before = (resume.steps, resume.time_s) if resume else (0, 0.0)
     start = time.perf_counter()
-    for index, (images, labels) in enumerate(batches, 1):
+    for done, (images, labels) in enumerate(batches, done + 1):
         logits, loss = step(images, labels)
         schedule.step()
         totals.add(logits, labels, loss * len(labels))
         if progress is not None:
-            progress(index, totals)
-        if preemption.requested():  # the scheduler wants the job back: the trainer records no partial epoch
-            break
+            progress(done, totals)
+        if preemption.requested():  # the scheduler wants the job back
+            elapsed = before + time.perf_counter() - start
+            return EpochResult(None, elapsed, totals.stopped(done, elapsed))
     metrics = totals.read()  # the one sync of the epoch
-    return metrics, time.perf_counter() - start
+    return EpochResult(metrics, before + time.perf_counter() - start)
 
 
 @torch.no_grad()

@@ -82,6 +82,10 @@ class Schedule:
             else:
                 group["lr"] = base * factor
 
+    def lr_at(self, step: int) -> float:
+        """The first group's lr during iteration `step` (0-based): an epoch's lr is that of its first step."""
+        return self.base_lrs[0] * self.factor(step)
+
     def state_dict(self) -> dict:
         return {"last_step": self.last_step, "base_lrs": list(self.base_lrs)}
 

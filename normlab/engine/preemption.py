@@ -2,10 +2,10 @@
 
 SLURM sends one of them (``--signal``, or SIGTERM on ``scancel`` and at the time limit); submitit binds
 SIGUSR2 to its checkpoint-and-requeue and SIGTERM to a bypass. While a job trains, ``deferred()`` holds
-these signals: the current step finishes, the epoch stops there (``requested()``), ``stop_if_requested()``
-raises ``Preempted`` before a partial epoch is recorded, and the run is recorded as ``preempted`` with its
-last epoch-end checkpoint (a rerun redoes the partial epoch, so it ends with an uninterrupted run's
-metrics). Once the job's records are closed, ``hand_on`` passes the signal to the handler that was installed
+these signals: the current step finishes, the epoch stops there (``requested()``), the trainer checkpoints
+that step (the stopped epoch's steps, totals and time with the model, optimizer, schedule and RNG),
+``stop_if_requested()`` raises ``Preempted``, and the run is recorded as ``preempted``. A rerun goes on
+from the next step and ends with an uninterrupted run's metrics. Once the job's records are closed, ``hand_on`` passes the signal to the handler that was installed
 before normlab's (submitit's, say), or, with none, exits with 128 + the signal's number as a killed process
 would. Jobs on several processes (torchrun) keep the default handlers: their ranks would stop at different
 steps and wait on each other; they resume from the last checkpoint like any killed job.
@@ -28,9 +28,10 @@ _previous: dict[int, Any] = {}  # each signal's handler before normlab's
 class Preempted(Exception):
     """The scheduler asked the job to stop: the run is recorded as preempted, then the signal handed on."""
 
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"preempted by {signal.Signals(signum).name}")
+    def __init__(self, signum: int, at: dict | None = None) -> None:
+        self.signum, self.at = signum, at  # at: where training stopped ({"epoch", "step", "steps"})
+        where = f" in epoch {at['epoch']} after step {at['step']} of {at['steps']}" if at else ""
+        super().__init__(f"preempted by {signal.Signals(signum).name}{where}")
 
 
 def _note(signum: int, frame: Any) -> None:
@@ -60,9 +61,9 @@ def requested() -> bool:
     return bool(_received)
 
 
-def stop_if_requested() -> None:
+def stop_if_requested(at: dict | None = None) -> None:
     if _received:
-        raise Preempted(_received[0])
+        raise Preempted(_received[0], at)
 
 
 def was_signalled() -> int | None:

@@ -25,7 +25,7 @@ from normlab.engine import dist, preemption
 from normlab.engine.build import Job, build_job, choose_job_memory_format
 from normlab.engine.checkpoint import read_resume_state, restore_checkpoint, save_checkpoint, set_aside
 from normlab.engine.evaluation import evaluate_epoch
-from normlab.engine.loop import train_epoch
+from normlab.engine.loop import StoppedEpoch, train_epoch
 from normlab.engine.memory_format import FormatChoice
 from normlab.engine.runtime import emulated_bf16
 from normlab.engine.provenance import summarize
@@ -113,9 +113,10 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
         job = build_job(spec, memory_format)
         facts.update(train_size=job.loaders.train.num_samples, test_size=job.loaders.test.num_samples,
                      steps_per_epoch=job.steps, num_classes=job.loaders.shape.num_classes)
+        stopped = restore_into(records, state, job) if state is not None else None
         if state is not None:
-            restore_into(records, state, job)
-            log.info("resuming %s after epoch %d", records.path, start_epoch)
+            log.info("resuming %s after epoch %d%s", records.path, start_epoch,
+                     f", in epoch {start_epoch + 1} at step {stopped.steps + 1} of {job.steps}" if stopped else "")
         log.info("normlab: %s · norm %s · N=%d × W=%d = %d per step · protocol: %s · lr %.4g · %d steps/epoch · %s %s"
                  " · %s (%s)%s%s", spec.model.name, spec.run_name.rsplit("-N", 1)[0], plan.per_worker,
                  plan.workers, plan.total_batch, plan.protocol, plan.lr, job.steps, runtime.device, runtime.precision,
@@ -124,12 +125,14 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
                  else "")
         if warning := emulated_bf16(runtime.precision, runtime.device):
             log.warning(warning)
-        outcome = run_epochs(spec, records, memory_format, job, rows, start_epoch, wall_time, logger)
+        outcome = run_epochs(spec, records, memory_format, job, rows, start_epoch, wall_time, logger, stopped)
         status, wall_time = outcome.status, outcome.wall_time_s
         if outcome.diverged_epoch is not None:
             facts["diverged_epoch"] = outcome.diverged_epoch
     except BaseException as e:
         status = "preempted" if isinstance(e, preemption.Preempted) else "failed"
+        if isinstance(e, preemption.Preempted) and e.at is not None:
+            facts["preempted_at"] = e.at
         facts["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:  # every ending, a failure too, leaves its summary and closes the W&B run
@@ -143,10 +146,14 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     return summary
 
 
-def restore_into(records: RunDir, state: dict, job: Job) -> None:
-    """The checkpoint's state into the job; one that does not fit this model is moved aside, and the job fails."""
+def restore_into(records: RunDir, state: dict, job: Job) -> StoppedEpoch | None:
+    """The checkpoint's state into the job, and the epoch it stopped in, if it did; one that does not fit this
+    model is moved aside, and the job fails."""
     try:
-        restore_checkpoint(state, model=job.model, optimizer=job.optimizer, schedule=job.schedule)
+        stopped = restore_checkpoint(state, model=job.model, optimizer=job.optimizer, schedule=job.schedule)
+        if stopped is not None and stopped.steps > job.steps:
+            raise ValueError(f"it stopped an epoch after step {stopped.steps}; this job's epochs have {job.steps}")
+        return stopped
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         aside = set_aside(records.checkpoint).name if dist.current().main else "checkpoint.pt.corrupt-<time>"
         raise RuntimeError(f"{records.checkpoint.name} does not fit this job ({type(e).__name__}: "
@@ -155,20 +162,31 @@ def restore_into(records: RunDir, state: dict, job: Job) -> None:
 
 
 def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job: Job, rows: list[dict],
-               start_epoch: int, wall_time: float, logger) -> EpochsOutcome:
-    """Train from `start_epoch` to the end, appending to `rows`. Rank 0 writes."""
+               start_epoch: int, wall_time: float, logger, stopped: StoppedEpoch | None = None) -> EpochsOutcome:
+    """Train from `start_epoch` (or from where `stopped`, its next epoch, stopped) to the end, appending to
+    `rows`. A preemption signal stops the epoch after its step: the checkpoint keeps that step. Rank 0 writes."""
     plan, length, main = spec.batch, spec.length, spec.runtime.world.main
     bar = ProgressBar(main and length.progress)
+
+    def checkpoint(epochs_done: int, stopped_next: StoppedEpoch | None = None) -> None:
+        if length.checkpoint and main:
+            save_checkpoint(records, model=job.model, optimizer=job.optimizer, schedule=job.schedule,
+                            epoch=epochs_done, metrics=rows, wall_time_s=wall_time, memory_format=memory_format.name,
+                            stopped=stopped_next)
+
     for epoch in range(start_epoch + 1, length.epochs + 1):
-        lr = float(job.optimizer.param_groups[0]["lr"])
-        train_metrics, epoch_time = train_epoch(
-            job.step, job.loaders.train.epoch(epoch), job.schedule,
-            progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch))
-        preemption.stop_if_requested()  # a stopped epoch is redone on resume, from the last checkpoint
+        resume, stopped = stopped, None
+        result = train_epoch(job.step, job.loaders.train.epoch(epoch, start=resume.steps if resume else 0),
+                             job.schedule, resume=resume,
+                             progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch))
+        if result.stopped is not None:  # a preemption signal: this step's checkpoint, then the job stops
+            checkpoint(epoch - 1, result.stopped)
+            preemption.stop_if_requested({"epoch": epoch, "step": result.stopped.steps, "steps": job.steps})
+        train_metrics, epoch_time = result.metrics, result.time_s
         wall_time += epoch_time
         dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
-               "val_loss": None, "val_error": None, "lr": lr,
+               "val_loss": None, "val_error": None, "lr": job.schedule.lr_at((epoch - 1) * job.steps),
                "images_per_sec": job.steps * plan.total_batch / epoch_time, "epoch_time_s": epoch_time}
         diverged = not math.isfinite(train_metrics["loss"])
         if not diverged and (epoch % length.eval_every == 0 or epoch == length.epochs):
@@ -183,7 +201,6 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
         if diverged:
             log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"], epoch)
             return EpochsOutcome("diverged", wall_time, diverged_epoch=epoch)
-        if length.checkpoint and main:
-            save_checkpoint(records, model=job.model, optimizer=job.optimizer, schedule=job.schedule,
-                            epoch=epoch, metrics=rows, wall_time_s=wall_time, memory_format=memory_format.name)
+        checkpoint(epoch)
     return EpochsOutcome("done", wall_time)
+
