@@ -78,6 +78,31 @@ def test_a_killed_and_resumed_job_is_one_wandb_run_with_every_epoch_once(tmp_pat
     assert artifacts == [f"records-{run_id}"]
 
 
+def test_a_job_preempted_in_its_first_epoch_goes_on_in_the_same_wandb_run(tmp_path):
+    """No epoch recorded yet, but a checkpoint at the stopped step: the rerun resumes, so W&B continues its run."""
+    run_dir = tmp_path / "job"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([sys.executable, "-m", "normlab.train", *JOB, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "wandb.json").exists():
+        time.sleep(0.02)  # W&B's run has started: training begins now
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "preempted" and stopped["preempted_at"]["epoch"] == 1, stopped
+    assert read_metrics(run_dir / "metrics.jsonl") == []
+    first_id = json.loads((run_dir / "wandb.json").read_text())["id"]
+
+    resumed = run_cli(*JOB, f"hydra.run.dir={run_dir}", timeout=300)
+    assert resumed.returncode == 0 and "in epoch 1 at step" in resumed.stdout + resumed.stderr, resumed.stderr
+    runs = sorted(run_dir.glob("wandb/offline-run-*"))
+    assert [r.name.rsplit("-", 1)[1] for r in runs] == [first_id, first_id]
+    assert json.loads((run_dir / "wandb.json").read_text())["id"] == first_id
+    last, last_ids, _ = history_and_ids(next(runs[-1].glob("*.wandb")))
+    assert last == [1, 2, 3, 4] and last_ids == {first_id}
+
+
 def test_a_job_started_over_gets_a_new_run_and_the_epoch_is_the_step(tmp_path):
     job = [*JOB[:6], "trainer.epochs=2", *JOB[7:], f"hydra.run.dir={tmp_path}"]
     assert run_cli(*job, timeout=300).returncode == 0

@@ -96,8 +96,8 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     if world.main:
         write_metrics(records.metrics, rows)  # realigned with what resumes
     wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
-    logger = (build_logger(spec.logger, records.path, spec.recorded_config, spec.run_name) if world.main
-              else NullLogger())
+    logger = (build_logger(spec.logger, records.path, spec.recorded_config, spec.run_name, resuming=state is not None)
+              if world.main else NullLogger())
     norm = norm_spec(spec.norm.name)
     facts: dict[str, Any] = {"batch_dependent": norm.batch_dependent,  # a batch-independent norm's modes are alike
                              "bn_stats": str(spec.eval.bn_stats) if norm.batch_dependent or norm.synced

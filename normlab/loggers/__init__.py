@@ -18,9 +18,10 @@ class NullLogger:
         pass
 
 
-def build_logger(cfg, run_dir, resolved_config: dict[str, Any], run_name: str):
+def build_logger(cfg, run_dir, resolved_config: dict[str, Any], run_name: str, *, resuming: bool = False):
+    """The chosen logger; `resuming`: the job goes on from a checkpoint (W&B continues its run)."""
     if cfg.name == "wandb":
         from normlab.loggers.wandb import WandbLogger
 
-        return WandbLogger(cfg, run_dir, resolved_config, run_name)
+        return WandbLogger(cfg, run_dir, resolved_config, run_name, resuming)
     return NullLogger()

@@ -1,7 +1,7 @@
 """Weights & Biases: one run per job, across kills and resumes; offline by default; never fatal.
 
-- The job's W&B run id is kept in its folder (``wandb.json``): a job that resumes from its checkpoint goes on
-  in the same W&B run (``resume="allow"``) and sends the epochs it resumes after again, since a kill loses
+- The job's W&B run id is kept in its folder (``wandb.json``): a job that resumes from its checkpoint (an
+  epoch's, or the step a preemption signal stopped at, in its first epoch too) goes on in the same W&B run (``resume="allow"``) and sends the epochs it resumes after again, since a kill loses
   what W&B's service had not yet written; W&B keeps one row per step (the epoch), so every epoch is there
   once. A job that starts over (a fresh folder, ``trainer.force``) gets a new run: the id is the folder's
   path hashed, plus a random part.
@@ -34,14 +34,13 @@ log = logging.getLogger(__name__)
 STATE_FILE = "wandb.json"  # in the run folder: {"id": the job's W&B run}
 
 
-def run_state(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
-    """(run id, the epochs this job resumes after). A resuming job (its ``metrics.jsonl``, which the trainer
-    realigns with the checkpoint before the logger starts, holds epochs) keeps the id in its folder; any
+def run_state(run_dir: Path, resuming: bool) -> tuple[str, list[dict[str, Any]]]:
+    """(run id, the epochs this job resumes after: its ``metrics.jsonl``, which the trainer realigns with the
+    checkpoint before the logger starts). A job `resuming` from a checkpoint keeps the id in its folder; any
     other gets a new one."""
-    resumed = read_metrics(run_dir / METRICS)
     kept = read_json(run_dir / STATE_FILE) or {}
-    if resumed and str(kept.get("id", "")).isalnum():
-        return kept["id"], resumed
+    if resuming and str(kept.get("id", "")).isalnum():
+        return kept["id"], read_metrics(run_dir / METRICS)
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:8] + secrets.token_hex(4), []
 
 
@@ -56,12 +55,12 @@ def drop_inherited_service() -> None:
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_dir, resolved_config: dict[str, Any], run_name: str) -> None:
+    def __init__(self, cfg, run_dir, resolved_config: dict[str, Any], run_name: str, resuming: bool) -> None:
         self.run, self.run_dir, self.defined = None, Path(run_dir), set()
         try:
             import wandb
 
-            run_id, resumed = run_state(self.run_dir)
+            run_id, resumed = run_state(self.run_dir, resuming)
             os.environ.setdefault("WANDB_SILENT", "true")
             drop_inherited_service()
             self.run = wandb.init(
