@@ -118,9 +118,12 @@ def test_a_job_started_over_gets_a_new_run_and_the_epoch_is_the_step(tmp_path):
 
 def test_the_sweeps_summary_run_carries_the_report(tmp_path):
     sweep = tmp_path / "sweep"
-    assert run_cli("-m", *JOB[:6], "trainer.epochs=1", *JOB[7:], "norm=bn,gn", "model.width=32",
-                   f"hydra.sweep.dir={sweep}", timeout=300).returncode == 0  # its callback logs the summary run
+    result = run_cli("-m", *JOB[:6], "trainer.epochs=1", *JOB[7:], "norm=bn,gn", "model.width=32",
+                     f"hydra.sweep.dir={sweep}", timeout=300)
+    assert result.returncode == 0  # its callback logs the summary run
     (summary_run,) = [r for r in sweep.glob("wandb/offline-run-*")]
+    run_id = summary_run.name.rsplit("-", 1)[1]  # W&B names the folder after the run
+    assert f"W&B sweep summary: run {run_id} (" in result.stdout + result.stderr  # the user is told which run
     records = read_wandb_records(next(summary_run.glob("*.wandb")))
     logged = {record_key(i) for r in records if r.WhichOneof("record_type") == "history" for i in r.history.item}
     assert "report/fig_batch_size/_type" in logged and "runs_table/_type" in logged  # W&B flattens its media

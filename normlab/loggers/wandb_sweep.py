@@ -56,6 +56,8 @@ def log_sweep_summary(config: DictConfig, sweep_dir: str | Path) -> None:
         attach_report(run, runs, Path(sweep_dir) / "report")
     finally:
         run.finish()
+    log.info("W&B sweep summary: run %s (%s, group %s)%s", run.id, run.name, config.name,
+             f" {run.url}" if config.logger.mode == "online" and run.url else f", {config.logger.mode}")
 
 
 def attach_report(run, runs, out: Path) -> None:
