@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from normlab import sweep_outcome
+from normlab.records import read_metrics
 from tests.conftest import TINY, run_cli
 
 GROUPS = ["-m", *TINY, "model.width=16", "norm=gn"]  # G=32 does not divide the 16 channels: invalid
@@ -29,6 +30,25 @@ def test_an_all_done_rerun_into_a_dated_folder_of_an_earlier_version_exits_0(tmp
     out = again.stdout + again.stderr
     assert "2 of 2 finished · done (already done, skipped)" in out
     assert "2 of 2 jobs reported · 2 done (already done, skipped)" in out
+
+
+def test_a_rerun_into_a_dated_folder_of_an_earlier_version_resumes_its_unfinished_job(tmp_path):
+    """A job killed after its first epoch (its epoch-1 checkpoint, no summary): the rerun resumes it there and ends
+    with the uninterrupted job's metrics (the reference: the first sweep's own record of it)."""
+    dated = tmp_path / "2026-11-30"
+    sweep = [*GROUPS, "norm.groups=8,16", "trainer.epochs=2", "trainer.checkpoint=true", f"hydra.sweep.dir={dated}"]
+    assert run_cli(*sweep, timeout=180).returncode == 0
+    job = next(dated.glob("*norm.groups=16*"))
+    whole = [{k: v for k, v in row.items() if k not in ("images_per_sec", "epoch_time_s")}
+             for row in read_metrics(job / "metrics.jsonl")]
+    (job / "summary.json").unlink()  # as if killed in epoch 2: epoch 1's checkpoint is the latest
+    (job / "checkpoint.prev.pt").replace(job / "checkpoint.pt")
+    again = run_cli(*sweep, timeout=180)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert f"resuming {job} after epoch 1" in out and "1 done (already done, skipped)" in out
+    assert [{k: v for k, v in row.items() if k not in ("images_per_sec", "epoch_time_s")}
+            for row in read_metrics(job / "metrics.jsonl")] == whole
 
 
 def test_unfinished_counts_every_status_but_done_and_diverged_and_every_silent_job():
