@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> str:
     run_dir = HydraConfig.get().runtime.output_dir
     try:  # parallel jobs: a CPU-threads budget each, a GPU each; SIGTERM/USR1/USR2: stop after the step
         with (share_machine(cfg.trainer.threads, cfg.trainer.device) as share,
-              preemption.deferred(dist.launched() is None)):
+              preemption.deferred()):
             summary = train(cfg, run_dir, share)  # validates first: ConfigError before anything is read
     except preemption.Preempted as e:  # recorded as preempted, folder released: now the handler before ours
         log.warning("%s; rerun the same command to go on from there", e)
@@ -117,7 +117,7 @@ def main(cfg: DictConfig) -> str:
             raise
         log.exception("job failed, the sweep goes on: %s", e)
         return "failed"
-    if (signum := preemption.was_signalled()) is not None:  # it came after the last epoch: the job is done
+    if (signum := preemption.received()) is not None:  # it came after the last epoch: the job is done
         preemption.hand_on(signum)
     return "skipped" if summary is None else summary["status"]
 

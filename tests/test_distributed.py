@@ -293,6 +293,46 @@ def test_a_killed_rank_fails_the_job_at_once_and_a_rerun_on_one_process_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not TORCHRUN or not Path("/proc").exists(), reason="torchrun and /proc are needed")
+@pytest.mark.parametrize("signalled", ["torchrun", "rank 1"])
+def test_a_preempted_torchrun_job_stops_every_rank_at_one_step_and_resumes_there_to_one_process_training(
+        tmp_path, signalled):
+    """SIGTERM to torchrun, which hands it to every rank, or to one rank alone: the ranks agree on a step (every
+    AGREE_EVERY), rank 0 checkpoints it with every rank's totals, and a rerun on two ranks goes on from the next
+    step."""
+    from normlab.engine.checkpoint import read_checkpoint
+    from normlab.engine.loop import AGREE_EVERY
+
+    epochs, run, alone = ["trainer.epochs=4"], tmp_path / "run", tmp_path / "alone"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "normlab.train", *JOB, *epochs, f"hydra.run.dir={run}"], cwd=REPO,
+                            env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not read_metrics(run / "metrics.jsonl"):
+            time.sleep(0.05)
+        os.kill(proc.pid if signalled == "torchrun" else _rank_pids(proc.pid, 1)[0], signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    rows, summary = read_metrics(run / "metrics.jsonl"), json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "preempted", output[-3000:]
+    at = summary["preempted_at"]
+    assert at["epoch"] == len(rows) + 1 < 5 and at["step"] % AGREE_EVERY == 0 and at["steps"] == 512 // 16
+    stopped = read_checkpoint(run / "checkpoint.pt")["stopped_epoch"]
+    assert stopped["steps"] == at["step"] and stopped["count"] == 16 * at["step"]  # both ranks' images
+    resumed = run_job(run, *epochs, ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"in epoch {at['epoch']} at step {at['step'] + 1} of" in resumed.stdout + resumed.stderr
+    train_alone(alone, *epochs)
+    assert_same_training(alone, run, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_a_submitit_job_with_two_tasks_is_one_job_on_two_ranks(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     alone = tmp_path / "alone"

@@ -160,6 +160,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is set on some rank (every rank gets the same answer); alone, `flag`."""
+    if current().size == 1:
+        return flag
+    box = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
 @torch.no_grad()
 def average_buffers(model: nn.Module) -> None:
     """Every floating-point buffer (BN's running statistics) replaced by its mean over the ranks.

@@ -4,7 +4,9 @@ Losses and counts accumulate on the device and are read once at the end: no host
 step. The progress callback, when given, may read them every few steps. In a job on several processes
 each rank sees its share of the images, and the read sums the ranks' totals. An epoch that a preemption
 signal stops ends as a ``StoppedEpoch`` (steps done, totals, time), which the checkpoint keeps and from
-which the epoch goes on when the run resumes.
+which the epoch goes on when the run resumes. On several processes the ranks agree on the step to stop
+at: every ``AGREE_EVERY`` steps they ask each other whether one was signalled (a collective with a host
+sync, so not every step).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from torch import nn
 
 from normlab.engine import dist, preemption
 from normlab.engine.step import TrainStep, autocast
+
+
+AGREE_EVERY = 8  # steps between the ranks' checks for a preemption signal (several processes only)
 
 
 @dataclass(frozen=True)
@@ -74,12 +79,18 @@ class Totals:
 
     @classmethod
     def resumed(cls, stopped: StoppedEpoch, device: torch.device) -> "Totals":
+        """The stopped epoch's totals (every rank's, summed) on rank 0, zeros on the others: read() sums them."""
+        if not dist.current().main:
+            return cls.zeros(device)
         t = lambda x: torch.tensor(x, device=device, dtype=torch.float64)  # noqa: E731
         return cls(t(stopped.loss), t(stopped.errors), t(stopped.errors_top5), stopped.count)
 
     def stopped(self, steps: int, time_s: float) -> StoppedEpoch:
-        loss, errors, errors5 = torch.stack([self.loss, self.errors, self.errors_top5]).tolist()
-        return StoppedEpoch(steps, loss, errors, errors5, self.count, time_s)
+        """Where the epoch stopped, with every rank's totals summed (the same on every rank)."""
+        sums = dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
+                                                self.loss.new_tensor(float(self.count))]))
+        loss, errors, errors5, count = sums.tolist()
+        return StoppedEpoch(steps, loss, errors, errors5, int(count), time_s)
 
     def read(self) -> dict[str, float]:
         """Mean loss and top-1/top-5 error in %, over every rank's images, read from the device once."""
@@ -113,11 +124,19 @@ def train_epoch(step: TrainStep, batches, schedule, *, resume: StoppedEpoch | No
         totals.add(logits, labels, loss * len(labels))
         if progress is not None:
             progress(done, totals)
-        if preemption.requested():  # the scheduler wants the job back
+        if stop_after(done, step.device):  # the scheduler wants the job back
             elapsed = before + time.perf_counter() - start
             return EpochResult(None, elapsed, totals.stopped(done, elapsed))
     metrics = totals.read()  # the one sync of the epoch
     return EpochResult(metrics, before + time.perf_counter() - start)
+
+
+def stop_after(done: int, device: torch.device) -> bool:
+    """Whether a preemption signal stops the epoch after step `done`: alone, as soon as it came; on several
+    processes, at the next step every rank checks (every AGREE_EVERY), so that they all stop at the same one."""
+    if dist.current().size == 1:
+        return preemption.requested()
+    return done % AGREE_EVERY == 0 and dist.any_rank(preemption.requested(), device)
 
 
 @torch.no_grad()

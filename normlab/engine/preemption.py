@@ -2,13 +2,13 @@
 
 SLURM sends one of them (``--signal``, or SIGTERM on ``scancel`` and at the time limit); submitit binds
 SIGUSR2 to its checkpoint-and-requeue and SIGTERM to a bypass. While a job trains, ``deferred()`` holds
-these signals: the current step finishes, the epoch stops there (``requested()``), the trainer checkpoints
-that step (the stopped epoch's steps, totals and time with the model, optimizer, schedule and RNG),
-``stop_if_requested()`` raises ``Preempted``, and the run is recorded as ``preempted``. A rerun goes on
-from the next step and ends with an uninterrupted run's metrics. Once the job's records are closed, ``hand_on`` passes the signal to the handler that was installed
-before normlab's (submitit's, say), or, with none, exits with 128 + the signal's number as a killed process
-would. Jobs on several processes (torchrun) keep the default handlers: their ranks would stop at different
-steps and wait on each other; they resume from the last checkpoint like any killed job.
+these signals: the current step finishes, the epoch stops there (``requested()``; on several processes at
+the next step at which the ranks agree, engine/loop.py), the trainer checkpoints that step (the stopped
+epoch's steps, totals and time with the model, optimizer, schedule and RNG) and raises ``Preempted``, and
+the run is recorded as ``preempted``. A rerun goes on from the next step and ends with an uninterrupted
+run's metrics. Once the job's records are closed, ``hand_on`` passes the signal to the handler that was
+installed before normlab's (submitit's, say), or, with none, exits with 128 + the signal's number as a
+killed process would.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ _previous: dict[int, Any] = {}  # each signal's handler before normlab's
 class Preempted(Exception):
     """The scheduler asked the job to stop: the run is recorded as preempted, then the signal handed on."""
 
-    def __init__(self, signum: int, at: dict | None = None) -> None:
-        self.signum, self.at = signum, at  # at: where training stopped ({"epoch", "step", "steps"})
+    def __init__(self, signum: int | None, at: dict | None = None) -> None:
+        self.signum, self.at = signum, at  # signum None: another rank was signalled; at: {"epoch", "step", "steps"}
+        by = f"by {signal.Signals(signum).name}" if signum is not None else "(another rank was signalled)"
         where = f" in epoch {at['epoch']} after step {at['step']} of {at['steps']}" if at else ""
-        super().__init__(f"preempted by {signal.Signals(signum).name}{where}")
+        super().__init__(f"preempted {by}{where}")
 
 
 def _note(signum: int, frame: Any) -> None:
@@ -61,21 +62,17 @@ def requested() -> bool:
     return bool(_received)
 
 
-def stop_if_requested(at: dict | None = None) -> None:
-    if _received:
-        raise Preempted(_received[0], at)
-
-
-def was_signalled() -> int | None:
-    """The signal received while deferred but not yet acted on (it came after the last epoch), or None."""
+def received() -> int | None:
+    """The first preemption signal this process received while deferred and has not acted on, or None."""
     return _received[0] if _received else None
 
 
-def hand_on(signum: int) -> None:
+def hand_on(signum: int | None) -> None:
     """Call the handler that was there before normlab's, as the signal would have (submitit's requeues and
-    exits); then, or with none, exit with 128 + the signal's number: a sweep starts no further job."""
-    handler: Callable | Any = _previous.get(signum, signal.SIG_DFL)
+    exits); then, or with none, exit with 128 + the signal's number: a sweep starts no further job. A rank
+    stopped because another was signalled (None) exits as if sent SIGTERM, calling no handler."""
+    handler: Callable | Any = _previous.get(signum, signal.SIG_DFL) if signum is not None else None
     _received.clear()
     if callable(handler):
         handler(signum, sys._getframe(1))
-    sys.exit(128 + signum)
+    sys.exit(128 + (signum if signum is not None else signal.SIGTERM))

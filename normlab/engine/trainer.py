@@ -180,8 +180,10 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
                              job.schedule, resume=resume,
                              progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch))
         if result.stopped is not None:  # a preemption signal: this step's checkpoint, then the job stops
-            checkpoint(epoch - 1, result.stopped)
-            preemption.stop_if_requested({"epoch": epoch, "step": result.stopped.steps, "steps": job.steps})
+            dist.average_buffers(job.model)  # linear EMAs: averaged now and at the epoch's end, the same
+            dist.on_main(lambda: checkpoint(epoch - 1, result.stopped))  # every rank waits for it
+            raise preemption.Preempted(preemption.received(), {"epoch": epoch, "step": result.stopped.steps,
+                                                               "steps": job.steps})
         train_metrics, epoch_time = result.metrics, result.time_s
         wall_time += epoch_time
         dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
