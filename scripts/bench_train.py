@@ -155,7 +155,7 @@ class NormlabLoop:
     def run(self, steps: int) -> float:
         sync(self.device)
         start = time.perf_counter()
-        train_epoch(self.step, self.batches(steps), self.schedule)
+        train_epoch(self.step, self.batches(steps), self.schedule, steps=steps)
         sync(self.device)
         return time.perf_counter() - start
 

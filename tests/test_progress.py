@@ -32,6 +32,15 @@ def test_the_bar_shows_the_epoch_and_the_whole_runs_eta_and_clears_itself():
     assert ProgressBar(enabled=False).epoch(1, 4, 3, 16) is None
 
 
+def test_a_resumed_epochs_bar_starts_at_its_step_and_counts_only_the_steps_this_process_trains():
+    out = io.StringIO()
+    bar = ProgressBar(enabled=True, every=1, stream=out, min_interval_s=0)
+    update = bar.epoch(2, epochs=3, steps=10, batch_size=16, first=6)  # stopped after step 6 of epoch 2
+    for step in (7, 8, 9, 10):
+        update(step, totals(0.5, 16 * step))
+    assert " 6/10 " in out.getvalue() and bar.run_steps_done == 4  # the ETA's pace: 4 steps in this time
+
+
 def test_eta_is_the_pace_so_far_times_what_is_left():
     assert eta(60.0, 2, 6) == "02:00"  # 30 s a unit, 4 left
     assert eta(3600.0, 1, 3) == "2:00:00"

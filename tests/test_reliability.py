@@ -125,6 +125,9 @@ def test_the_summary_counts_the_epochs_metrics_jsonl_holds_when_a_resume_fails(t
     {"steps": 2.5, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
     {"steps": -1, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
     {"steps": 10_000, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": float("inf"), "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": 1, "loss": 10**400, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
+    {"steps": 1, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": float("nan")},
 ])
 def test_a_checkpoints_stopped_epoch_that_makes_no_sense_is_moved_aside_and_the_rerun_uses_the_previous_one(
         tiny, tmp_path, stopped_epoch):

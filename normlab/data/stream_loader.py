@@ -40,8 +40,8 @@ class ImageFiles(Dataset):
         image = self.selection.tree.open_image(self.names[i])
         if seed is None:
             return self.transform(image), self.labels[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the CPU generator restored after; CUDA's never touched
+            torch.default_generator.manual_seed(seed)
             return self.transform(image), self.labels[i]
 
 

@@ -11,6 +11,8 @@ sync, so not every step).
 
 from __future__ import annotations
 
+import math
+import reprlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -46,13 +48,26 @@ class StoppedEpoch:
         values = {}
         for field in fields(cls):
             value = state.get(field.name) if isinstance(state, dict) else None
-            kind = int if field.type == "int" else float
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise ValueError(f"the stopped epoch's {field.name} is {value!r}, not a number of type {kind.__name__}")
-            values[field.name] = kind(value)
-        if values["steps"] < 0 or values["count"] < 0:
-            raise ValueError(f"the stopped epoch's steps/count are {values['steps']}/{values['count']}: negative")
+            values[field.name] = checked_number(field.name, value, int if field.type == "int" else float)
         return cls(**values)
+
+
+def checked_number(name: str, value, kind: type) -> int | float:
+    """A stopped epoch's field read from disk, as `kind`: a finite, non-negative number, or ValueError naming it.
+    The loss alone may be NaN or infinite: an epoch that diverged before the signal, as the whole run saw it."""
+    bad = ValueError(f"the stopped epoch's {name} is {reprlib.repr(value)}: not a finite, non-negative "
+                     f"{kind.__name__}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad
+    try:
+        number = float(value)
+    except OverflowError:
+        raise bad from None
+    if name == "loss":
+        return number
+    if not math.isfinite(number) or number < 0 or (kind is int and number != int(number)):
+        raise bad
+    return int(number) if kind is int else number
 
 
 @dataclass
@@ -110,10 +125,11 @@ class EpochResult:
     stopped: StoppedEpoch | None = None
 
 
-def train_epoch(step: TrainStep, batches, schedule, *, resume: StoppedEpoch | None = None,
+def train_epoch(step: TrainStep, batches, schedule, *, steps: int, resume: StoppedEpoch | None = None,
                 progress: Callable[[int, Totals], None] | None = None) -> EpochResult:
-    """Train on every batch once with `step` (eager or a CUDA graph). `resume`: the epoch stopped there before,
-    and `batches` begin at its next step. A preemption signal stops the epoch after the step it is in."""
+    """Train on every batch once with `step` (eager or a CUDA graph); `steps`: the epoch's, `batches` included.
+    `resume`: the epoch stopped there before, and `batches` begin at its next step. A preemption signal stops
+    the epoch after the step it is in."""
     step.model.train()
     totals = Totals.resumed(resume, step.device) if resume else Totals.zeros(step.device)
     done, before = (resume.steps, resume.time_s) if resume else (0, 0.0)
@@ -124,19 +140,20 @@ def train_epoch(step: TrainStep, batches, schedule, *, resume: StoppedEpoch | No
         totals.add(logits, labels, loss * len(labels))
         if progress is not None:
             progress(done, totals)
-        if stop_after(done, step.device):  # the scheduler wants the job back
+        if stop_after(done, steps, step.device):  # the scheduler wants the job back
             elapsed = before + time.perf_counter() - start
             return EpochResult(None, elapsed, totals.stopped(done, elapsed))
     metrics = totals.read()  # the one sync of the epoch
     return EpochResult(metrics, before + time.perf_counter() - start)
 
 
-def stop_after(done: int, device: torch.device) -> bool:
-    """Whether a preemption signal stops the epoch after step `done`: alone, as soon as it came; on several
-    processes, at the next step every rank checks (every AGREE_EVERY), so that they all stop at the same one."""
+def stop_after(done: int, steps: int, device: torch.device) -> bool:
+    """Whether a preemption signal stops the epoch after step `done` of `steps`: alone, as soon as it came; on
+    several processes, at the next step every rank checks (every AGREE_EVERY, and the epoch's last), so that they
+    all stop at the same one, before the evaluation and the epoch's checkpoint."""
     if dist.current().size == 1:
         return preemption.requested()
-    return done % AGREE_EVERY == 0 and dist.any_rank(preemption.requested(), device)
+    return (done % AGREE_EVERY == 0 or done == steps) and dist.any_rank(preemption.requested(), device)
 
 
 @torch.no_grad()

@@ -154,11 +154,11 @@ def restore_into(records: RunDir, state: dict, job: Job) -> StoppedEpoch | None:
         if stopped is not None and stopped.steps > job.steps:
             raise ValueError(f"it stopped an epoch after step {stopped.steps}; this job's epochs have {job.steps}")
         return stopped
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, OverflowError) as e:
         aside = set_aside(records.checkpoint).name if dist.current().main else "checkpoint.pt.corrupt-<time>"
         raise RuntimeError(f"{records.checkpoint.name} does not fit this job ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}); moved aside to {aside} (by rank 0). Rerun to start "
-                           "over") from None
+                           f"{str(e).splitlines()[0]}); moved aside to {aside} (by rank 0). Rerun: it resumes "
+                           f"from {records.previous_checkpoint.name} if there is one, else starts over") from None
 
 
 def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job: Job, rows: list[dict],
@@ -177,8 +177,9 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
     for epoch in range(start_epoch + 1, length.epochs + 1):
         resume, stopped = stopped, None
         result = train_epoch(job.step, job.loaders.train.epoch(epoch, start=resume.steps if resume else 0),
-                             job.schedule, resume=resume,
-                             progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch))
+                             job.schedule, steps=job.steps, resume=resume,
+                             progress=bar.epoch(epoch, length.epochs, job.steps, plan.total_batch,
+                                                first=resume.steps if resume else 0))
         if result.stopped is not None:  # a preemption signal: this step's checkpoint, then the job stops
             dist.average_buffers(job.model)  # linear EMAs: averaged now and at the epoch's end, the same
             dist.on_main(lambda: checkpoint(epoch - 1, result.stopped))  # every rank waits for it

@@ -41,16 +41,17 @@ class ProgressBar:
     def wanted(setting: str) -> bool:
         return resolve_switch(setting, sys.stderr.isatty() and not runs_beside_others())
 
-    def epoch(self, epoch: int, epochs: int, steps: int, batch_size: int):
-        """A callback for ``train_epoch``: ``(step, totals)``. Reads the loss only when it draws."""
+    def epoch(self, epoch: int, epochs: int, steps: int, batch_size: int, first: int = 0):
+        """A callback for ``train_epoch``: ``(step, totals)``. Reads the loss only when it draws. `first`: the
+        steps done before a resume, which this process neither trained nor timed."""
         if not self.enabled:
             return None
         from tqdm import tqdm
 
         if self.run_start is None:
             self.run_start = time.perf_counter()
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="step", file=self.stream, leave=False,
-                   dynamic_ncols=True, mininterval=self.min_interval_s)
+        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch}/{epochs}", unit="step", file=self.stream,
+                   leave=False, dynamic_ncols=True, mininterval=self.min_interval_s)
         left_after = (epochs - epoch) * steps  # steps of the epochs after this one
         done_before = self.run_steps_done
 
@@ -58,9 +59,9 @@ class ProgressBar:
             if step % self.every and step != steps:
                 return
             bar.update(step - bar.n)
-            self.run_steps_done = done_before + step
+            self.run_steps_done = done_before + step - first
             elapsed = time.perf_counter() - self.run_start
-            rate = step * batch_size / max(bar.format_dict["elapsed"], 1e-9)
+            rate = (step - first) * batch_size / max(bar.format_dict["elapsed"], 1e-9)
             loss = totals.loss.item() / max(1, totals.count)
             run_eta = eta(elapsed, self.run_steps_done, self.run_steps_done + steps - step + left_after)
             bar.set_postfix_str(f"run ETA {run_eta} · {rate:.0f} img/s · loss {loss:.3f}",
