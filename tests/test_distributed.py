@@ -84,6 +84,23 @@ def test_collectives_are_no_ops_in_one_process():
     dist.average_buffers(bn)
     assert bn.running_mean.tolist() == [2.0] * 3
     assert dist.backend_for(torch.device("cpu")) is None
+    assert dist.any_rank(True, torch.device("cpu")) and not dist.any_rank(False, torch.device("cpu"))
+
+
+def test_ranks_check_for_a_signal_every_eighth_step_and_at_an_epochs_last(monkeypatch):
+    """The steps at which ranks may stop: multiples of AGREE_EVERY and the epoch's last (an epoch of 5 steps too);
+    alone, every step. The collective is replaced by its single-rank answer: which steps ask is what is tested."""
+    from normlab.engine import loop, preemption
+
+    asked = []
+    monkeypatch.setattr(preemption, "requested", lambda: True)
+    monkeypatch.setattr(dist, "any_rank", lambda flag, device: asked.append(flag) or flag)
+    cpu = torch.device("cpu")
+    assert all(loop.stop_after(done, 20, cpu) for done in range(1, 21)) and asked == []  # alone: at once
+    monkeypatch.setattr(dist, "current", lambda: dist.World(rank=0, size=2))
+    assert [done for done in range(1, 21) if loop.stop_after(done, 20, cpu)] == [8, 16, 20]
+    assert [done for done in range(1, 6) if loop.stop_after(done, 5, cpu)] == [5]
+    assert len(asked) == 4  # the collective runs only at those steps, on every rank alike
 
 
 def test_workers_must_split_among_the_ranks(tiny):
