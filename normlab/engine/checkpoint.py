@@ -2,8 +2,9 @@
 
 Saved as tensors and plain containers and read with ``weights_only=True``, so a planted checkpoint cannot
 execute anything. Written at the end of every epoch and, when a preemption signal stops an epoch, at that
-step: then it also holds the stopped epoch (its steps, totals and time), and the run goes on from there. The one before the latest is kept: a checkpoint that cannot be read is moved aside
-(``checkpoint.pt.corrupt-<time>``), with a warning, and the run resumes from the previous one, or starts over.
+step: then it also holds the stopped epoch (its steps, totals and time), and the run goes on from there. The
+one before the latest is kept: a checkpoint that cannot be read is moved aside (``checkpoint.pt.corrupt-<time>``),
+with a warning, and the run resumes from the previous one, or starts over.
 """
 
 from __future__ import annotations

@@ -100,18 +100,19 @@ class Totals:
         t = lambda x: torch.tensor(x, device=device, dtype=torch.float64)  # noqa: E731
         return cls(t(stopped.loss), t(stopped.errors), t(stopped.errors_top5), stopped.count)
 
+    def summed(self) -> list[float]:
+        """[loss, errors, errors_top5, count], each summed over every rank's images, read from the device once."""
+        return dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
+                                                self.loss.new_tensor(float(self.count))])).tolist()
+
     def stopped(self, steps: int, time_s: float) -> StoppedEpoch:
         """Where the epoch stopped, with every rank's totals summed (the same on every rank)."""
-        sums = dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
-                                                self.loss.new_tensor(float(self.count))]))
-        loss, errors, errors5, count = sums.tolist()
+        loss, errors, errors5, count = self.summed()
         return StoppedEpoch(steps, loss, errors, errors5, int(count), time_s)
 
     def read(self) -> dict[str, float]:
         """Mean loss and top-1/top-5 error in %, over every rank's images, read from the device once."""
-        sums = dist.all_reduce_sum(torch.stack([self.loss, self.errors, self.errors_top5,
-                                                self.loss.new_tensor(float(self.count))]))
-        loss, errors, errors5, count = sums.tolist()
+        loss, errors, errors5, count = self.summed()
         n = max(1.0, count)
         return {"loss": loss / n, "error": 100.0 * errors / n, "error_top5": 100.0 * errors5 / n}
 

@@ -40,9 +40,9 @@ def _note(signum: int, frame: Any) -> None:
 
 
 @contextlib.contextmanager
-def deferred(enabled: bool = True) -> Iterator[None]:
+def deferred() -> Iterator[None]:
     """Hold SIGTERM/SIGUSR1/SIGUSR2 while the block runs (only where signals can be caught: the main thread)."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     _received.clear()

@@ -206,4 +206,3 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
             return EpochsOutcome("diverged", wall_time, diverged_epoch=epoch)
         checkpoint(epoch)
     return EpochsOutcome("done", wall_time)
-
