@@ -113,6 +113,8 @@ def test_failed_diverged_and_unfinished_runs_are_listed_not_averaged(tmp_path):
     fake_run(tmp_path, "ok", "bn", 32, 0, 10.0)
     fake_run(tmp_path, "failed", "bn", 32, 1, None, status="failed", error="RuntimeError: boom")
     fake_run(tmp_path, "diverged", "bn", 32, 2, None, status="diverged", diverged_epoch=2)
+    fake_run(tmp_path, "preempted", "bn", 32, 3, None, status="preempted",
+             preempted_at={"epoch": 3, "step": 17, "steps": 40})
     unfinished = fake_run(tmp_path, "unfinished", "gn", 8, 0, 30.0)
     (unfinished / "summary.json").unlink()
     (unfinished / "config.yaml").write_text(
@@ -124,8 +126,11 @@ def test_failed_diverged_and_unfinished_runs_are_listed_not_averaged(tmp_path):
     assert report_main([str(tmp_path)]) == 0
     runs = pd.read_csv(tmp_path / "report" / "runs.csv")
     by_dir = {Path(r).name: s for r, s in zip(runs["run_dir"], runs["status"])}
-    assert by_dir == {"ok": "done", "failed": "failed", "diverged": "diverged", "unfinished": "unfinished",
-                      "broken": "unfinished"}
+    assert by_dir == {"ok": "done", "failed": "failed", "diverged": "diverged", "preempted": "preempted",
+                      "unfinished": "unfinished", "broken": "unfinished"}
+    stopped = runs[runs["run_dir"].str.endswith("preempted")].iloc[0]  # where it stopped, as numbers
+    assert (stopped["preempted_at_epoch"], stopped["preempted_at_step"], stopped["preempted_at_steps"]) == (3, 17, 40)
+    assert "preempted_at" not in runs
     unfinished_row = runs[runs["run_dir"].str.endswith("unfinished")].iloc[0]
     assert unfinished_row["norm"] == "gn" and unfinished_row["groups"] == 8 and unfinished_row["epochs"] == 3
     assert "| BN | 10.0 | 1 |" in (tmp_path / "report" / "table_batch_size.md").read_text()
@@ -428,7 +433,7 @@ def test_runs_that_compared_bn_evaluation_modes_get_a_table_and_a_figure_per_mod
     assert "| BN, ema | 20.5 ± 0.7 | 35.5 ± 0.7 | +15.0 |" in table
     assert "| BN, precise | 19.5 ± 0.7 | 30.5 ± 0.7 | +11.0 |" in table
     assert "| BN, batch | 21.5 ± 0.7 | 26.5 ± 0.7 | +5.0 |" in table
-    assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | +0.0 |" in table
+    assert "| GN | 24.5 ± 0.7 | 24.5 ± 0.7 | 0.0 |" in table
     assert "| precise − EMA | −1.0 | −5.0 |" in table and "| batch − EMA | +1.0 | −9.0 |" in table
     # each seed's rise is the same 15.0: paired by seed (fixed total batch), its interval has no width
     assert "+15.0 [+15.0, +15.0]" in (tmp_path / "report" / "table_bn_eval.md").read_text()
@@ -572,4 +577,5 @@ def test_latex_tables_escape_what_latex_reads_as_commands_and_write_one_minus_si
 
     assert latex_text("error (%) & x_1 #2: −0.6 ± 1.0 – Δ") == \
         r"error (\%) \& x\_1 \#2: $-$0.6 $\pm$ 1.0 -- $\Delta$"
-    assert (with_sign(-0.64), with_sign(0.0), with_sign(2.26)) == ("−0.6", "+0.0", "+2.3")
+    assert (with_sign(-0.64), with_sign(0.0), with_sign(2.26)) == ("−0.6", "0.0", "+2.3")
+    assert (with_sign(-0.04), with_sign(0.049), with_sign(-0.051)) == ("0.0", "0.0", "−0.1")  # no "−0.0"

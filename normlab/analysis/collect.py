@@ -60,6 +60,18 @@ def dataset_choice(path: Path) -> str | None:
     return choice if isinstance(choice, str) else None
 
 
+def flat(summary: dict[str, Any]) -> dict[str, Any]:
+    """A summary as one table row: a nested record (``preempted_at``: epoch, step, steps) becomes columns of its
+    own (``preempted_at_epoch``, ...), so a CSV holds numbers rather than a dict's text."""
+    row: dict[str, Any] = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            row.update(flat({f"{key}_{inner}": v for inner, v in value.items()}))
+        else:
+            row[key] = value
+    return row
+
+
 def run_record(path: Path) -> dict[str, Any]:
     """One row: the summary if the run finished, else what its config and metrics say so far. A record that
     cannot be read, or metrics that repeat an epoch (two writers), make the row unreadable or invalid, with why."""
@@ -73,7 +85,7 @@ def run_record(path: Path) -> dict[str, Any]:
     summary = run.read_summary()
     found = {"dataset": dataset_choice(path), "evals_at_final_lr": evaluations_at_final_lr(rows)}
     if summary is not None:
-        record = {"run_dir": str(path), **summary, **{k: v for k, v in found.items() if summary.get(k) is None}}
+        record = {"run_dir": str(path), **flat(summary), **{k: v for k, v in found.items() if summary.get(k) is None}}
         if repeated:
             record.update(status=INVALID, problem=f"{METRICS} repeats epoch(s) {', '.join(map(str, repeated))}")
         return record

@@ -53,8 +53,10 @@ MINUS = "−"  # the typographic minus: labels ("GN − BN") and numbers use the
 
 
 def with_sign(value: float) -> str:
-    """A difference with its sign and one decimal: "+1.2", "−0.6" (a minus sign, not a hyphen)."""
-    return f"{value:+.1f}".replace("-", MINUS)
+    """A difference with its sign and one decimal: "+1.2", "−0.6" (a minus sign, not a hyphen); one that rounds
+    to zero is "0.0", without a sign it does not have at that precision."""
+    text = f"{value:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text.replace("-", MINUS)
 
 
 def norm_label(norm: str) -> str:
