@@ -42,11 +42,9 @@ def host_available_bytes() -> int | None:
     return min(figures) if figures else None
 
 
-def device_available_bytes(device: torch.device) -> int | None:
-    """Free memory on `device`: the GPU's free bytes, or the host's for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return host_available_bytes() if device.type == "cpu" else None
+def device_available_bytes(device: torch.device) -> int:
+    """The GPU's free bytes."""
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def image_bytes(images: int, channels: int, size: int, bytes_per_value: int = 1) -> int:
@@ -81,12 +79,15 @@ def check_in_memory_set(cfg, shape) -> None:
     check_fits(need, host_available_bytes(), what, "this machine", instead)
 
 
-def check_on_device(shape, batch_size: int, device: torch.device) -> None:
-    """The data set (uint8) and a normalized batch and its augmented copy (float32) must fit on a GPU."""
+def check_on_device(shape, batch_size: int, device: torch.device, streamed: bool = False) -> None:
+    """What sits on a GPU must fit there: a normalized batch and its augmented copy (float32), and the whole data
+    set (uint8) unless it streams from disk a batch at a time."""
     if device.type != "cuda":
         return  # on the CPU the set is the one check_in_memory_set counted
-    need = (image_bytes(shape.train_size + shape.test_size, shape.channels, shape.size)
-            + 2 * image_bytes(batch_size, shape.channels, shape.size, FLOAT_BYTES))
-    check_fits(need, device_available_bytes(device), f"the data set and a batch of {batch_size} on {device}",
-               str(device), "Use a smaller data.size or data.image_size, a smaller batch, or data that streams "
+    need = 2 * image_bytes(batch_size, shape.channels, shape.size, FLOAT_BYTES)
+    if not streamed:
+        need += image_bytes(shape.train_size + shape.test_size, shape.channels, shape.size)
+    what = f"a batch of {batch_size}" if streamed else f"the data set and a batch of {batch_size}"
+    check_fits(need, device_available_bytes(device), f"{what} on {device}", str(device),
+               "Use a smaller data.size or data.image_size, a smaller batch, or data that streams "
                "(data=imagefolder with a data.in_memory_max_gb below the set's size)")

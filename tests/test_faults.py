@@ -384,3 +384,12 @@ def test_a_data_set_too_large_for_the_gpus_free_memory_is_refused_with_the_figur
     memory.check_on_device(shape, 128, torch.device("cpu"))  # the CPU's is the in-memory set's check
     monkeypatch.setattr(memory, "device_available_bytes", lambda device: 10 * need)
     memory.check_on_device(shape, 128, torch.device("cuda", 0))
+    # a set that streams from disk holds only its batches on the GPU: ImageNet's size, 80 GB free
+    imagenet = SimpleNamespace(train_size=1_281_167, test_size=50_000, channels=3, size=224)
+    monkeypatch.setattr(memory, "device_available_bytes", lambda device: 80_000_000_000)
+    memory.check_on_device(imagenet, 256, torch.device("cuda", 0), streamed=True)
+    with pytest.raises(ConfigError, match="the data set and a batch of 256"):
+        memory.check_on_device(imagenet, 256, torch.device("cuda", 0))
+    monkeypatch.setattr(memory, "device_available_bytes", lambda device: 100_000_000)
+    with pytest.raises(ConfigError, match=r"^a batch of 256 on cuda:0 needs 0\.3 GB"):
+        memory.check_on_device(imagenet, 256, torch.device("cuda", 0), streamed=True)

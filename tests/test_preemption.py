@@ -97,6 +97,9 @@ def stopped_at_a_step(folder: Path, epochs_done: int) -> dict:
     assert 1 <= state["stopped_epoch"]["steps"] <= STEPS and state["stopped_epoch"]["count"] == 16 * state[
         "stopped_epoch"]["steps"]
     assert state["schedule"]["last_step"] == epochs_done * STEPS + state["stopped_epoch"]["steps"]
+    trained = sum(r["epoch_time_s"] for r in read_metrics(folder / "metrics.jsonl"))  # and on the time it trained
+    assert state["wall_time_s"] == pytest.approx(trained, abs=1e-6)
+    assert record["wall_time_s"] == pytest.approx(trained + state["stopped_epoch"]["time_s"], abs=1e-3)
     return record["preempted_at"]
 
 

@@ -120,6 +120,28 @@ def test_the_summary_counts_the_epochs_metrics_jsonl_holds_when_a_resume_fails(t
     assert summary["status"] == "failed" and summary["epochs"] == len(read_metrics(tmp_path / "metrics.jsonl"))
 
 
+def test_a_run_that_fails_part_way_reports_the_time_of_the_epochs_it_trained(tiny, tmp_path, monkeypatch):
+    """The summary's wall time is the recorded epochs' time summed, for a failure after a resume too."""
+    from normlab.engine import trainer
+
+    evaluate = trainer.evaluate_epoch
+
+    def fails_in_epoch_3(spec, job, epoch):
+        if epoch == 3:
+            raise RuntimeError("boom in epoch 3")
+        return evaluate(spec, job, epoch)
+
+    monkeypatch.setattr(trainer, "evaluate_epoch", fails_in_epoch_3)
+    for _ in range(2):  # started, then resumed from its epoch-2 checkpoint: the same epochs, the same time
+        with pytest.raises(RuntimeError, match="boom in epoch 3"):
+            train(tiny("trainer.epochs=4"), tmp_path)
+        rows = read_metrics(tmp_path / "metrics.jsonl")
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "failed" and summary["epochs"] == 2 == len(rows)
+        assert summary["wall_time_s"] == pytest.approx(sum(r["epoch_time_s"] for r in rows), abs=1e-3)
+        assert summary["wall_time_s"] > 0
+
+
 @pytest.mark.parametrize("stopped_epoch", [
     {"steps": "3"}, [1, 2], {"steps": True, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},
     {"steps": 2.5, "loss": 1.0, "errors": 1.0, "errors_top5": 1.0, "count": 1, "time_s": 1.0},

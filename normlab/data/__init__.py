@@ -80,7 +80,7 @@ def build(data: DataSpec, batch_size: int, device: torch.device, *, seed: int, c
     """The train loader (global batches of exactly `batch_size`) and the test loader, on `device`; `shard`
     (rank, ranks): this rank's part of each (see DeviceLoader)."""
     settings, shape = data.settings, data.shape
-    memory.check_on_device(shape, batch_size, device)
+    memory.check_on_device(shape, batch_size, device, streamed=data.streamed)
     padding = settings.crop_padding if settings.crop_padding is not None else max(1, shape.size // 8)
     if data.streamed:
         return _streamed(data, batch_size, device, seed, channels_last, shard)

@@ -80,11 +80,18 @@ def run_job(spec: RunSpec, run_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 @dataclass(frozen=True)
 class EpochsOutcome:
-    """How the epochs ended: done or diverged (in which epoch), and the training wall time so far."""
+    """How the epochs ended: done or diverged (in which epoch)."""
 
     status: str
-    wall_time_s: float
     diverged_epoch: int | None = None
+
+
+@dataclass
+class TrainingTime:
+    """Seconds of training the run's records keep: recorded epochs, and a stopped epoch's steps. It lives outside
+    the epoch loop so that a run that fails or is stopped part-way still reports it."""
+
+    seconds: float
 
 
 def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
@@ -95,7 +102,8 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     rows = list(state["metrics"]) if state is not None else []
     if world.main:
         write_metrics(records.metrics, rows)  # realigned with what resumes
-    wall_time, start_epoch, status = (state["wall_time_s"], state["epoch"], "failed") if state else (0.0, 0, "failed")
+    start_epoch, status = (state["epoch"], "failed") if state else (0, "failed")
+    trained = TrainingTime(state["wall_time_s"] if state else 0.0)
     logger = (build_logger(spec.logger, records.path, spec.recorded_config, spec.run_name, resuming=state is not None)
               if world.main else NullLogger())
     norm = norm_spec(spec.norm.name)
@@ -125,8 +133,8 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
                  else "")
         if warning := emulated_bf16(runtime.precision, runtime.device):
             log.warning(warning)
-        outcome = run_epochs(spec, records, memory_format, job, rows, start_epoch, wall_time, logger, stopped)
-        status, wall_time = outcome.status, outcome.wall_time_s
+        outcome = run_epochs(spec, records, memory_format, job, rows, start_epoch, trained, logger, stopped)
+        status = outcome.status
         if outcome.diverged_epoch is not None:
             facts["diverged_epoch"] = outcome.diverged_epoch
     except BaseException as e:
@@ -136,13 +144,13 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
         facts["error"] = f"{type(e).__name__}: {e}"
         raise
     finally:  # every ending, a failure too, leaves its summary and closes the W&B run
-        summary = summarize(spec, rows, status, wall_time, facts)
+        summary = summarize(spec, rows, status, trained.seconds, facts)
         if world.main:
             records.write_summary(summary)
         logger.log_summary(summary)
         logger.finish(exit_code=int(status == "failed"))
     log.info("%s: val error %s (median of last 5: %s) in %.1fs · %s", status, summary["val_error"],
-             summary["val_error_median5"], wall_time, records.summary)
+             summary["val_error_median5"], trained.seconds, records.summary)
     return summary
 
 
@@ -162,7 +170,7 @@ def restore_into(records: RunDir, state: dict, job: Job) -> StoppedEpoch | None:
 
 
 def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job: Job, rows: list[dict],
-               start_epoch: int, wall_time: float, logger, stopped: StoppedEpoch | None = None) -> EpochsOutcome:
+               start_epoch: int, trained: TrainingTime, logger, stopped: StoppedEpoch | None = None) -> EpochsOutcome:
     """Train from `start_epoch` (or from where `stopped`, its next epoch, stopped) to the end, appending to
     `rows`. A preemption signal stops the epoch after its step: the checkpoint keeps that step. Rank 0 writes."""
     plan, length, main = spec.batch, spec.length, spec.runtime.world.main
@@ -171,7 +179,7 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
     def checkpoint(epochs_done: int, stopped_next: StoppedEpoch | None = None) -> None:
         if length.checkpoint and main:
             save_checkpoint(records, model=job.model, optimizer=job.optimizer, schedule=job.schedule,
-                            epoch=epochs_done, metrics=rows, wall_time_s=wall_time, memory_format=memory_format.name,
+                            epoch=epochs_done, metrics=rows, wall_time_s=trained.seconds, memory_format=memory_format.name,
                             stopped=stopped_next)
 
     for epoch in range(start_epoch + 1, length.epochs + 1):
@@ -183,10 +191,10 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
         if result.stopped is not None:  # a preemption signal: this step's checkpoint, then the job stops
             dist.average_buffers(job.model)  # linear EMAs: averaged now and at the epoch's end, the same
             dist.on_main(lambda: checkpoint(epoch - 1, result.stopped))  # every rank waits for it
+            trained.seconds += result.stopped.time_s  # the summary's; the checkpoint keeps it in the stopped epoch
             raise preemption.Preempted(preemption.received(), {"epoch": epoch, "step": result.stopped.steps,
                                                                "steps": job.steps})
         train_metrics, epoch_time = result.metrics, result.time_s
-        wall_time += epoch_time
         dist.average_buffers(job.model)  # the ranks' BN EMAs → the one buffer a single process keeps
         row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_error": train_metrics["error"],
                "val_loss": None, "val_error": None, "lr": job.schedule.lr_at((epoch - 1) * job.steps),
@@ -195,6 +203,7 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
         if not diverged and (epoch % length.eval_every == 0 or epoch == length.epochs):
             row.update(evaluate_epoch(spec, job, epoch))
         rows.append(row)
+        trained.seconds += epoch_time  # counted with its row: an epoch that fails before it is recorded is redone
         if main:
             append_metrics(records.metrics, row)
         logger.log_epoch(row)
@@ -203,6 +212,6 @@ def run_epochs(spec: RunSpec, records: RunDir, memory_format: FormatChoice, job:
                  "-" if row["val_error"] is None else f"{row['val_error']:.2f}%", row["images_per_sec"])
         if diverged:
             log.warning("diverged: the training loss is %s in epoch %d; ending the run", train_metrics["loss"], epoch)
-            return EpochsOutcome("diverged", wall_time, diverged_epoch=epoch)
+            return EpochsOutcome("diverged", diverged_epoch=epoch)
         checkpoint(epoch)
-    return EpochsOutcome("done", wall_time)
+    return EpochsOutcome("done")
