@@ -1,5 +1,6 @@
 """``normlab-train -m ARGS --dry-run``: a sweep's jobs, each with its folder and what running the sweep would do
-with it (train, resume, skip as done, or skip as invalid and why), without training or writing anything.
+with it (train, resume, skip as done, or skip as invalid and why), without training or writing anything: the
+job's own decision (engine/rerun.py ``folder_action``), a folder of another config's run refused as the job would.
 
 The jobs are the ones Hydra's basic sweeper would launch (normlab/sweep_jobs.py ``job_overrides``), each composed
 and validated as the job itself would be. Exit code 1 when some job is invalid, as the sweep would end.
@@ -19,14 +20,7 @@ from normlab.records import RunDir
 class PlannedJob:
     name: str             # what the sweep varies: "norm=gn batch.per_worker=8"
     run_dir: Path | None
-    action: str           # "train", "resume", "skip: done", "invalid: REASON"
-
-
-def folder_action(run_dir: Path) -> str:
-    records = RunDir(run_dir)
-    if records.is_final():
-        return f"skip: {records.read_summary()['status']}"
-    return "resume" if records.checkpoint.exists() else "train"
+    action: str           # "train", "resume", "skip: done", "invalid: REASON" (engine/rerun.py folder_action)
 
 
 def plan(args: list[str], config_dir: str, config_name: str = "train") -> list[PlannedJob]:
@@ -36,8 +30,9 @@ def plan(args: list[str], config_dir: str, config_name: str = "train") -> list[P
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from normlab import sweep_jobs
+    from normlab.engine.rerun import folder_action
     from normlab.errors import ConfigError
-    from normlab.validation import validate
+    from normlab.validation import resolve_run, validate
 
     parsed = OverridesParser.create().parse_overrides(args)
     fixed = [arg for arg, o in zip(args, parsed) if not o.is_sweep_override()]
@@ -58,8 +53,8 @@ def plan(args: list[str], config_dir: str, config_name: str = "train") -> list[P
             HydraConfig.instance().set_config(cfg)
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
             try:
-                validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-                action = folder_action(run_dir)
+                task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+                action = folder_action(resolve_run(task, validate(task)), RunDir(run_dir))
             except ConfigError as e:
                 action = "invalid: " + " ".join(line.strip() for line in str(e).splitlines()[:2])
             jobs.append(PlannedJob(name, run_dir, action))

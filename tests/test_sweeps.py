@@ -73,3 +73,28 @@ def test_default_folders_are_named_by_the_config_not_the_date(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "#0 norm=bn batch.per_worker=32 · train · results/demo/batch.per_worker=32,norm=bn" in result.stdout
     assert "dry run: 6 jobs · 6 train" in result.stdout
+
+
+def test_dry_run_says_what_each_job_will_do_with_its_folder_as_the_job_decides(tmp_path):
+    """After a sweep: done jobs skip; a job killed after a checkpoint resumes; trainer.force=true starts each over;
+    a folder holding another config's run is refused (the same ConfigError the job raises), unless forced."""
+    sweep = [*GROUPS, "norm.groups=8,16", "trainer.checkpoint=true", f"hydra.sweep.dir={tmp_path}"]
+    assert run_cli(*sweep, timeout=180).returncode == 0
+
+    def actions(*extra: str) -> tuple[int, list[str]]:
+        result = run_cli(*sweep, *extra, "--dry-run", timeout=120)
+        return result.returncode, [line.split(" · ")[1] for line in result.stdout.splitlines()[:2]]
+
+    assert actions() == (0, ["skip: done", "skip: done"])
+    assert actions("trainer.force=true") == (0, ["train: starts over (trainer.force=true)"] * 2)
+    sixteen = next(tmp_path.glob("*norm.groups=16*"))
+    (sixteen / "summary.json").unlink()  # killed after its last checkpoint
+    assert actions() == (0, ["skip: done", "resume"])
+    config = sixteen / "config.yaml"
+    config.write_text(config.read_text().replace("\nseed: 0\n", "\nseed: 7\n"))  # another config's run in its folder
+    code, found = actions()
+    assert code == 1 and found[0] == "skip: done"
+    assert found[1].startswith("invalid: ") and found[1].endswith("of another config: seed was 7, now 0. trainer.force=true replaces it; another "
+                                                     "hydra.sweep.dir (or hydra.run.dir) keeps both")
+    assert actions("trainer.force=true")[1][1] == "train: starts over (trainer.force=true)"
+    assert (sixteen / "checkpoint.pt").exists()  # a dry run deletes nothing

@@ -66,14 +66,14 @@ def job_changes(spec: RunSpec, records: RunDir) -> list[tuple[str, Any, Any]]:
     return changed_keys(saved, spec.recorded_config, schema_defaults(spec.norm.name))
 
 
-def job_is_done(spec: RunSpec, records: RunDir) -> bool:
-    """Whether this job is done in `records` (its summary is final: skip it). Refuses (ConfigError) a folder that
-    holds another config's run, or records that cannot be read; trainer.force=true starts the folder over,
-    whatever it holds (its records are deleted here)."""
+def folder_action(spec: RunSpec, records: RunDir) -> str:
+    """What running `spec` does with `records`, read only: "train", "train: starts over (trainer.force=true)",
+    "resume" (a checkpoint) or "skip: STATUS" (a final summary). Refuses (ConfigError) a folder that holds
+    another config's run, or records that cannot be read, unless trainer.force=true."""
     if spec.length.force:
-        for path in (records.summary, records.metrics, records.checkpoint, records.previous_checkpoint):
-            path.unlink(missing_ok=True)
-        return False
+        held = [p.name for p in (records.summary, records.metrics, records.checkpoint, records.previous_checkpoint)
+                if p.exists()]
+        return "train: starts over (trainer.force=true)" if held else "train"
     unreadable = records.unreadable()
     if unreadable:
         raise ConfigError(f"{records.path} holds records that cannot be read: {', '.join(unreadable)}; the "
@@ -82,8 +82,20 @@ def job_is_done(spec: RunSpec, records: RunDir) -> bool:
     if changes:
         refuse_another_job(records, changes)
     if records.is_final():
+        return f"skip: {records.read_summary()['status']}"
+    return "resume" if records.checkpoint.exists() or records.previous_checkpoint.exists() else "train"
+
+
+def job_is_done(spec: RunSpec, records: RunDir) -> bool:
+    """Whether this job is done in `records` (skip it), as ``folder_action`` decides; trainer.force=true deletes
+    the folder's records here, so the job starts over."""
+    action = folder_action(spec, records)
+    if spec.length.force:
+        for path in (records.summary, records.metrics, records.checkpoint, records.previous_checkpoint):
+            path.unlink(missing_ok=True)
+    if action.startswith("skip"):
         log.info("skipping %s: summary.json says %s (trainer.force=true reruns it)", records.path,
-                 records.read_summary()["status"])
+                 action.split(": ", 1)[1])
         return True
     return False
 
