@@ -1,5 +1,6 @@
 """The typed settings of each config group: Hydra's schemas (normlab/config.py registers them) and the typed
-parts of a job's ``RunSpec`` (normlab/run_spec.py) at once, so each default is written here only.
+parts of a job's ``RunSpec`` (normlab/run_spec.py) at once. Each default is defined here; the YAML files of
+conf/ restate many for whoever reads them, and tests/test_config.py keeps every restated one equal to this.
 
 No Hydra or OmegaConf here: the engine and the data take these types without importing the config system.
 Fixed sets of words are ``Enum`` fields, which Hydra refuses at composition, listing the valid words; each

@@ -131,7 +131,9 @@ def validate(cfg: DictConfig) -> DataSpec:
            "must be in [0, 1)")
     if cfg.eval.bn_stats != BnStats.ema or cfg.eval.compare_bn_stats:
         spec = REGISTRY[cfg.norm.name]
-        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", "eval.bn_stats", str(cfg.eval.bn_stats),
+        key, value = (("eval.bn_stats", str(cfg.eval.bn_stats)) if cfg.eval.bn_stats != BnStats.ema
+                      else ("eval.compare_bn_stats", cfg.eval.compare_bn_stats))
+        _check(not (spec.batch_dependent or spec.synced) or cfg.norm.name == "bn", key, value,
                f"precise and batch statistics are built for norm=bn; norm={cfg.norm.name} keeps statistics of "
                "its own: use eval.bn_stats=ema and eval.compare_bn_stats=false")
     _check_device(cfg.trainer.device)

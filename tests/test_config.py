@@ -227,6 +227,17 @@ def test_out_of_range_values_and_unknown_keys_are_refused(override, message):
         validate(compose_config([override]))
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["norm=evonorm_b0", "eval.bn_stats=batch"], r"eval\.bn_stats='batch' is invalid: precise and batch .*norm=bn"),
+    (["norm=syncbn", "eval.bn_stats=precise"], r"eval\.bn_stats='precise' is invalid: .*norm=syncbn keeps"),
+    (["norm=brn", "eval.compare_bn_stats=true"], r"eval\.compare_bn_stats=True is invalid: .*norm=brn keeps"),
+])
+def test_bn_evaluation_modes_are_refused_for_norms_with_statistics_of_their_own_naming_the_key_set(overrides,
+                                                                                                  message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose_config(overrides))
+
+
 @pytest.mark.parametrize("override, message", [
     ("norm=bogus", r"Could not find 'norm/bogus'; valid options for norm: bn, brn, .*gn8"),
     ("optim.momentum=fast", r"optim\.momentum=fast: Value 'fast' of type 'str' could not be converted to Float"),

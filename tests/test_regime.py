@@ -9,6 +9,7 @@ from scipy import stats
 
 from normlab.analysis import regime
 from normlab.analysis.collect import tidy
+from normlab.analysis.intervals import binomial_error
 
 
 def runs_from(margins: dict[int, list[float]], lag: float = 5.0, penalty: float = 4.0) -> pd.DataFrame:
@@ -49,7 +50,11 @@ def test_the_margins_interval_is_students_t_and_its_verdict_is_beside_the_rule()
 
 
 def test_binomial_error_formula():
-    assert regime.binomial_error(20.0, 10_000) == pytest.approx(100 * math.sqrt(0.2 * 0.8 / 10_000))
+    assert binomial_error(20.0, 10_000) == pytest.approx(100 * math.sqrt(0.2 * 0.8 / 10_000))
+    assert math.isnan(binomial_error(20.0, None)) and math.isnan(binomial_error(20.0, float("nan")))
+    unknown = runs_from({5: [3.0, 3.1]}).assign(test_size=pd.NA)  # no test set size recorded: no threshold
+    row = regime.budget_summary(regime.per_seed(unknown)).iloc[0]
+    assert math.isnan(row["threshold"]) and not row["clears"]
 
 
 def test_the_rule_picks_the_shortest_budget_that_clears_and_stays_positive():

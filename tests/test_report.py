@@ -550,6 +550,16 @@ def test_the_html_page_escapes_what_it_read_from_disk(tmp_path):
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
 
 
+def test_the_html_page_keeps_underscores_inside_an_italic_line_and_embeds_only_its_own_figures(tmp_path):
+    from normlab.analysis.html_page import to_html
+
+    Image.new("RGB", (2, 2)).save(tmp_path / "fig_a.png")
+    (tmp_path.parent / "outside.png").write_bytes(b"not ours")
+    page = to_html("_no runs of val_error_median5_\n![a](fig_a.png)\n![b](../outside.png)\n![c](missing.png)", tmp_path)
+    assert "<p><em>no runs of val_error_median5</em></p>" in page
+    assert page.count("<img") == 1 and 'alt="fig_a.png" src="data:image/png;base64,' in page
+
+
 def contrast_on_white(color) -> float:
     """WCAG 2's contrast ratio against white, from its relative-luminance formula."""
     from matplotlib.colors import to_rgb
@@ -569,6 +579,10 @@ def test_every_norms_colour_and_the_curves_ramp_keep_3_to_1_contrast_on_white():
     colours = {**NORM_COLORS, "ramp end": ramp(RAMP_END)}
     assert {name: round(contrast_on_white(c), 2) for name, c in colours.items() if contrast_on_white(c) < 3} == {}
     assert len(set(NORM_COLORS.values())) == len(NORM_COLORS)  # the same norm always one colour, no two alike
+    from normlab.analysis.metrics_info import NORM_LABELS, NORM_MARKERS
+    from normlab.norms.registry import NORMS
+
+    assert set(NORMS) == set(NORM_LABELS) == set(NORM_COLORS) == set(NORM_MARKERS)  # every registered norm drawn
 
 
 def test_latex_tables_escape_what_latex_reads_as_commands_and_write_one_minus_sign():

@@ -36,7 +36,9 @@ def _image(name: str, folder: Path) -> str:
     """A figure of the report's own folder, embedded; any other path is left out."""
     path = folder / name
     ok = "/" not in name and "\\" not in name and name.endswith(".png") and path.is_file()
-    data = base64.b64encode(path.read_bytes()).decode() if ok else ""
+    if not ok:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
     return f'<p><img alt="{html.escape(name)}" src="data:image/png;base64,{data}"></p>'
 
 
@@ -64,7 +66,8 @@ def to_html(markdown: str, folder: Path) -> str:
             level = len(line) - len(line.lstrip("#"))
             body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         elif line.strip():
-            body.append(f"<p>{_inline(line).replace('_', '') if line.startswith('_') else _inline(line)}</p>")
+            italic = len(line) > 2 and line.startswith("_") and line.endswith("_")  # markdown's _a note_
+            body.append(f"<p><em>{_inline(line[1:-1])}</em></p>" if italic else f"<p>{_inline(line)}</p>")
     flush_table()
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>normlab report</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -78,11 +78,20 @@ def difference(a: pd.Series, b: pd.Series, paired: bool) -> Estimate:
     return Estimate(mean, math.sqrt(va + vb), n, mean - half, mean + half, paired=False)
 
 
+def binomial_error(error_pct: float, test_size: float | None) -> float:
+    """The standard error, in points, of a test error measured on `test_size` images (NaN when the size or the
+    error is not known)."""
+    if test_size is None or pd.isna(test_size) or not test_size > 0 or not 0 <= error_pct <= 100:
+        return math.nan
+    p = error_pct / 100
+    return 100 * math.sqrt(p * (1 - p) / test_size)
+
+
 def binomial_floor(*cells: tuple[float, float | None]) -> float:
     """The test sets' sampling error of a difference, as a 95% half-width in points: cells are (error %, test size)."""
-    variance = sum((p / 100) * (1 - p / 100) / size for p, size in cells
-                   if size and not pd.isna(size) and 0 <= p <= 100)
-    return 100 * float(stats.norm.ppf((1 + CONFIDENCE) / 2)) * math.sqrt(variance)
+    errors = [binomial_error(p, size) for p, size in cells]
+    variance = sum(e * e for e in errors if not math.isnan(e))
+    return float(stats.norm.ppf((1 + CONFIDENCE) / 2)) * math.sqrt(variance)
 
 
 def judged(margin: Estimate, floor: float = 0.0) -> tuple[float | None, float | None]:

@@ -39,12 +39,12 @@ RUN_METRICS = ("val_error_median5", "val_error", "best_val_error",  # per-run er
 # One colour and one marker per norm everywhere, from Okabe & Ito's colour-blind-safe palette (BN blue, GN
 # vermilion, as close to the paper's as the palette allows), every colour with contrast on white; the markers tell
 # the norms apart where colours alone would not.
-NORM_LABELS = {"bn": "BN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
+NORM_LABELS = {"bn": "BN", "syncbn": "SyncBN", "gn": "GN", "ln": "LN", "in": "IN", "none": "no norm", "brn": "BRN", "frn": "FRN",
                "evonorm_b0": "EvoNorm-B0", "evonorm_s0": "EvoNorm-S0", "gn_ws": "GN+WS"}
-NORM_COLORS = {"bn": "#0072B2", "gn": "#D55E00", "ln": "#009E73", "in": "#CC79A7", "none": "#555555",
+NORM_COLORS = {"bn": "#0072B2", "syncbn": "#004488", "gn": "#D55E00", "ln": "#009E73", "in": "#CC79A7", "none": "#555555",
                "brn": "#332288", "frn": "#8F6A00", "evonorm_b0": "#000000", "evonorm_s0": "#882255",
                "gn_ws": "#999933"}
-NORM_MARKERS = {"bn": "o", "gn": "s", "ln": "^", "in": "D", "none": "x", "brn": "v", "frn": "P",
+NORM_MARKERS = {"bn": "o", "syncbn": "p", "gn": "s", "ln": "^", "in": "D", "none": "x", "brn": "v", "frn": "P",
                 "evonorm_b0": "X", "evonorm_s0": "*", "gn_ws": "h"}
 NORM_ORDER = list(NORM_LABELS)
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from normlab.analysis.cells import finished, main_setting
 from normlab.analysis.figures import STYLE, plt, save
-from normlab.analysis.intervals import binomial_floor, estimate, verdict
+from normlab.analysis.intervals import binomial_error, binomial_floor, estimate, verdict
 from normlab.analysis.metrics_info import with_sign
 
 DIFFERENCES = {  # column: (label, colour; Okabe-Ito, colour-blind safe)
@@ -81,12 +81,6 @@ def per_seed(runs: pd.DataFrame, metric: str = "val_error") -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def binomial_error(error_pct: float, test_size: int) -> float:
-    """The standard error, in points, of a test error measured on `test_size` images."""
-    p = error_pct / 100
-    return 100 * math.sqrt(p * (1 - p) / test_size)
-
-
 def budget_summary(seeds: pd.DataFrame) -> pd.DataFrame:
     """One row per budget: mean, seed spread and 95% half-width of each difference, and the rule's verdict."""
     rows = []
@@ -99,10 +93,11 @@ def budget_summary(seeds: pd.DataFrame) -> pd.DataFrame:
             row[column] = spread.mean
             row[f"{column}_sd"] = spread.std if spread.n >= 2 else math.nan
             row[f"{column}_ci"] = math.nan if spread.half_width is None else spread.half_width
-        test_size = int(cell["test_size"].iloc[0]) if pd.notna(cell["test_size"].iloc[0]) else 10_000
+        test_size = cell["test_size"].iloc[0]  # not recorded: no binomial error, so no threshold either
         row["binomial"] = binomial_error((row["bn_small"] + row["gn"]) / 2, test_size)
-        row["threshold"] = max(2 * row["margin_sd"], 2 * row["binomial"]) if row["seeds"] >= 2 else math.nan
-        row["clears"] = bool(row["seeds"] >= 2 and row["margin"] > row["threshold"])
+        known = row["seeds"] >= 2 and not math.isnan(row["binomial"])
+        row["threshold"] = max(2 * row["margin_sd"], 2 * row["binomial"]) if known else math.nan
+        row["clears"] = bool(known and row["margin"] > row["threshold"])
         floor = binomial_floor((row["bn_small"], test_size), (row["gn"], test_size))
         row["interval"] = verdict(spreads["margin"], floor)  # the report's general reading, beside the rule
         rows.append(row)
