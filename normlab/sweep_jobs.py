@@ -48,10 +48,19 @@ def invalid_jobs(config: DictConfig, config_name: str = "train") -> list[tuple[l
     found = []
     for overrides in job_overrides(config):
         try:
-            validate(compose(config_name=config_name, overrides=overrides))
+            cfg = compose(config_name=config_name, overrides=overrides)
+        except Exception:  # noqa: BLE001 - an option Hydra cannot find: Hydra refuses the whole sweep, naming it
+            continue
+        try:
+            validate(cfg)
         except ConfigError as e:
-            found.append((overrides, " ".join(line.strip() for line in str(e).splitlines()[:2])))
+            found.append((overrides, refusal(e)))
     return found
+
+
+def refusal(error: Exception) -> str:
+    """Why a job is invalid, on one line: the error's first two lines."""
+    return " ".join(line.strip() for line in str(error).splitlines()[:2])
 
 
 def sweep_arguments(config: DictConfig) -> list[str]:

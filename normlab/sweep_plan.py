@@ -48,7 +48,7 @@ def plan(args: list[str], config_dir: str, config_name: str = "train") -> list[P
             try:
                 cfg = compose(config_name, overrides=overrides + hydra_args, return_hydra_config=True)
             except Exception as e:  # noqa: BLE001 - Hydra's own refusal, shown like validate's
-                jobs.append(PlannedJob(name, None, f"invalid: {str(e).splitlines()[0]}"))
+                jobs.append(PlannedJob(name, None, f"invalid: {sweep_jobs.refusal(e)}"))
                 continue
             HydraConfig.instance().set_config(cfg)
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
@@ -56,7 +56,7 @@ def plan(args: list[str], config_dir: str, config_name: str = "train") -> list[P
                 task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
                 action = folder_action(resolve_run(task, validate(task)), RunDir(run_dir))
             except ConfigError as e:
-                action = "invalid: " + " ".join(line.strip() for line in str(e).splitlines()[:2])
+                action = f"invalid: {sweep_jobs.refusal(e)}"
             jobs.append(PlannedJob(name, run_dir, action))
     return jobs
 

@@ -98,3 +98,13 @@ def test_dry_run_says_what_each_job_will_do_with_its_folder_as_the_job_decides(t
                                                      "hydra.sweep.dir (or hydra.run.dir) keeps both")
     assert actions("trainer.force=true")[1][1] == "train: starts over (trainer.force=true)"
     assert (sixteen / "checkpoint.pt").exists()  # a dry run deletes nothing
+
+
+def test_an_option_hydra_cannot_find_refuses_the_sweep_and_the_precheck_goes_on_past_it(tmp_path):
+    """Hydra refuses a sweep with an unknown group option before any job (exit 2, naming it): the pre-check does
+    not call that job skipped, and still finds the invalid jobs listed after it."""
+    result = run_cli(*GROUPS, "norm.groups=32", "norm=bogus,gn", f"hydra.sweep.dir={tmp_path}", timeout=120)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Could not find 'norm/bogus'" in out and "Traceback" not in out
+    assert "1 of 2 jobs will be skipped" in out and "skip norm=gn: " in out and "skip norm=bogus" not in out
+    assert not list(tmp_path.glob("*/summary.json"))
