@@ -32,6 +32,3 @@ def exit_code() -> int:
     """1 when the last multirun of this process left a job unfinished, else 0 (single runs included)."""
     return int(_unfinished > 0)
 
-
-def unfinished() -> int:
-    return _unfinished

@@ -81,6 +81,9 @@ def test_one_seed_never_clears():
 def test_the_80_epoch_extension(m20, m40, expected):
     summary = regime.budget_summary(regime.per_seed(runs_from({20: m20, 40: m40})))
     assert regime.needs_extension(summary) is expected
+    text = regime.regime_markdown(summary, regime.per_seed(runs_from({20: m20, 40: m40})))
+    assert ("the 80-epoch runs come before Figure 1's budget is read" in text) is expected
+    assert ("Figure 1's budget by the rule: " in text) is not expected
 
 
 def test_reproduction_points_from_the_published_numbers():
@@ -97,6 +100,9 @@ def test_the_table_and_figure_say_what_the_rule_found(tmp_path):
     summary = regime.budget_summary(seeds)
     text = regime.regime_markdown(summary, seeds)
     assert "No crossing by 20 epochs" in text and "reaches zero near" in text
+    assert text.rstrip().endswith("Figure 1's budget by the rule: 40 epochs (no crossing).")
+    crossing = regime.budget_summary(regime.per_seed(runs_from({5: [-6.0, -5.0], 10: [3.0, 3.2], 20: [4.0, 4.4]})))
+    assert regime.next_step(crossing, regime.crossing_budget(crossing)) == " Figure 1's budget by the rule: 10 epochs."
     written = regime.fig_regime(seeds, summary, regime.reproductions(), tmp_path)
     assert {p.name for p in written} == {"fig_regime.png", "fig_regime.pdf"}
 

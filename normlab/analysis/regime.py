@@ -32,7 +32,7 @@ DIFFERENCES = {  # column: (label, colour; Okabe-Ito, colour-blind safe)
     "penalty": ("BN(N={small}) − BN(N={big}): BN's penalty", "#0072B2"),
     "margin": ("BN(N={small}) − GN: the crossing margin", "#009E73"),
 }
-FALLBACK_EPOCHS = 40
+FALLBACK_EPOCHS = 40  # Figure 1's budget when no budget of the map shows the crossing
 EXTENSION_MOVE = 2.0  # points the margin must move from 20 to 40 epochs for the 80-epoch runs
 
 
@@ -196,7 +196,18 @@ def regime_markdown(summary: pd.DataFrame, seeds: pd.DataFrame, metric_label: st
                     f"({line['zero_images']:,.0f} images): an extrapolation, not a measurement.")
     elif found is None and line is not None:
         verdict += " The mean margin does not rise with the budget."
-    return "\n".join(lines) + "\n\n" + verdict + "\n"
+    return "\n".join(lines) + "\n\n" + verdict + next_step(summary, found) + "\n"
+
+
+def next_step(summary: pd.DataFrame, found: int | None) -> str:
+    """What the plan's rules make of the map (the study README): the 80-epoch runs, or Figure 1's budget."""
+    if summary["seeds"].max() < 2:
+        return ""
+    if needs_extension(summary) and 80 not in set(summary["epochs"]):
+        return (f" The plan's next step: at 40 epochs the margin is at or below its threshold and moved by more than "
+                f"{EXTENSION_MOVE:g} points from 20 epochs, so the 80-epoch runs come before Figure 1's budget is read.")
+    budget = found if found is not None else FALLBACK_EPOCHS
+    return f" Figure 1's budget by the rule: {budget} epochs" + ("." if found is not None else " (no crossing).")
 
 
 def fig_regime(seeds: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame, out: Path,
