@@ -31,4 +31,3 @@ def record(statuses: Iterable[str], total: int | None) -> int:
 def exit_code() -> int:
     """1 when the last multirun of this process left a job unfinished, else 0 (single runs included)."""
     return int(_unfinished > 0)
-

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import shutil
@@ -25,6 +24,8 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from normlab.records import RunDir, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = ("time", "seconds", "img_s", "images_per_s", "throughput", "duration", "elapsed", "_ms", "memory")
@@ -64,12 +65,11 @@ def run(tree: Path, overrides: list[str], run_dir: Path, cache: Path) -> str | N
 def numbers(run_dir: Path) -> dict[str, float]:
     """Every numeric, non-timing metric of a run, keyed by epoch and name, and the summary's final ones."""
     out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir / "metrics.jsonl"):
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and not timing(key):
                 out[f"epoch {row.get('epoch')}: {key}"] = float(value)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDir(run_dir).read_summary() or {}
     for key, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not timing(key):
             out[f"summary: {key}"] = float(value)

@@ -35,7 +35,6 @@ are identical.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -46,11 +45,11 @@ import time
 from pathlib import Path
 
 from normlab.engine.cpu_features import has_fast_bf16
+from normlab.records import FINAL_STATUSES, RunDir, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = Path("results") / "cifar10_resnet20" / "study"  # in the study's checkout (--study)
 KEPT = ("config.yaml", "metrics.jsonl", "summary.json")  # what a finished run publishes
-FINAL = ("done", "diverged")
 TIMINGS = ("images_per_sec", "epoch_time_s", "wall_time_s")  # what a rerun may change
 MACHINE = ("cpu_kernel",)  # provenance a rerun may change: the C++ kernel's file name is hashed from the CPU
 MAP_BUDGETS = (5, 10, 20, 40)
@@ -89,15 +88,11 @@ def job_command(j: dict, run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def summary_of(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return RunDir(folder).read_summary()
 
 
 def is_finished(folder: Path) -> bool:
-    summary = summary_of(folder)
-    return isinstance(summary, dict) and summary.get("status") in FINAL
+    return RunDir(folder).is_final()
 
 
 def copy_finished(source_dir: Path, target_dir: Path) -> int:
@@ -129,7 +124,7 @@ def commit(runs: Path, message: str) -> None:
 def recorded_numbers(folder: Path) -> dict[str, object]:
     """Every value a run recorded (each epoch's metrics, its summary), timings and the machine aside, keyed by
     where it is."""
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(folder / "metrics.jsonl")
     found = {f"epoch {row['epoch']}: {k}": v for row in rows for k, v in row.items() if k not in TIMINGS}
     found.update({f"summary: {k}": v for k, v in (summary_of(folder) or {}).items() if k not in TIMINGS + MACHINE})
     return found
@@ -168,10 +163,7 @@ def rerun_check(name: str, study: Path, sweep: Path, extra: list[str], nice: int
 
 def epochs_done(folder: Path) -> int:
     """The epochs a run has recorded: a stopped run resumes after the last of them, from its checkpoint."""
-    try:
-        return sum(1 for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip())
-    except OSError:
-        return 0
+    return len(read_metrics(folder / "metrics.jsonl"))
 
 
 def seconds_needed(j: dict, sweep: Path, rate: float, start: float) -> float:
@@ -194,7 +186,7 @@ def next_job(pending: list[dict], sweep: Path, rate: float, start: float, left: 
 def seconds_per_epoch(sweep: Path, default: float) -> float:
     """The slowest per-epoch wall time among this sweep's finished runs (default with none)."""
     rates = [s["wall_time_s"] / s["epochs"] for s in map(summary_of, sweep.iterdir() if sweep.is_dir() else [])
-             if isinstance(s, dict) and s.get("status") in FINAL and s.get("epochs") and s.get("wall_time_s")]
+             if isinstance(s, dict) and s.get("status") in FINAL_STATUSES and s.get("epochs") and s.get("wall_time_s")]
     return max(rates) if rates else default
 
 
