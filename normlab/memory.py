@@ -63,19 +63,19 @@ def check_fits(need: int, available: int | None, what: str, where: str, instead:
                           f"allocated. {instead}")
 
 
-def check_in_memory_set(cfg, shape) -> None:
+def check_in_memory_set(data, shape) -> None:
     """A data set that is loaded whole (uint8) must fit in the machine's memory."""
     need = image_bytes(shape.train_size + shape.test_size, shape.channels, shape.size)
-    if cfg.name == "synthetic":
-        what = (f"data=synthetic (data.num_train={cfg.num_train} + data.num_test={cfg.num_test} images of "
+    if data.name == "synthetic":
+        what = (f"data=synthetic (data.num_train={data.num_train} + data.num_test={data.num_test} images of "
                 f"{shape.channels} × {shape.size} × {shape.size} bytes)")
         instead = "Use a smaller data.size, data.num_train or data.num_test"
-    elif cfg.name == "imagefolder":
+    elif data.name == "imagefolder":
         what = f"the decoded image folder ({shape.train_size + shape.test_size} images at {shape.size} px)"
         instead = ("Lower data.in_memory_max_gb below the free memory to stream it from disk instead, or use a "
                    "smaller data.image_size or fewer classes (data.num_classes)")
     else:
-        what, instead = f"data={cfg.name} in memory", "Use a machine with more memory, or a data subset"
+        what, instead = f"data={data.name} in memory", "Use a machine with more memory, or a data subset"
     check_fits(need, host_available_bytes(), what, "this machine", instead)
 
 

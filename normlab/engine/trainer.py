@@ -104,7 +104,7 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
         write_metrics(records.metrics, rows)  # realigned with what resumes
     start_epoch, status = (state["epoch"], "failed") if state else (0, "failed")
     trained = TrainingTime(state["wall_time_s"] if state else 0.0)
-    logger = (build_logger(spec.logger, records.path, spec.recorded_config, spec.run_name, resuming=state is not None)
+    logger = (build_logger(spec, records.path, resuming=state is not None)
               if world.main else NullLogger())
     norm = norm_spec(spec.norm.name)
     facts: dict[str, Any] = {"batch_dependent": norm.batch_dependent,  # a batch-independent norm's modes are alike

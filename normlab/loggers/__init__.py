@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from normlab.run_spec import RunSpec
 
 
 class NullLogger:
@@ -18,10 +21,10 @@ class NullLogger:
         pass
 
 
-def build_logger(cfg, run_dir, resolved_config: dict[str, Any], run_name: str, *, resuming: bool = False):
-    """The chosen logger; `resuming`: the job goes on from a checkpoint (W&B continues its run)."""
-    if cfg.name == "wandb":
+def build_logger(spec: RunSpec, run_dir, *, resuming: bool = False):
+    """The logger `spec` chose; `resuming`: the job goes on from a checkpoint (W&B continues its run)."""
+    if spec.logger.name == "wandb":
         from normlab.loggers.wandb import WandbLogger
 
-        return WandbLogger(cfg, run_dir, resolved_config, run_name, resuming)
+        return WandbLogger(spec, run_dir, resuming)
     return NullLogger()

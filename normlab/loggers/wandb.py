@@ -26,9 +26,12 @@ import logging
 import os
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normlab.records import CONFIG, METRICS, SUMMARY, read_json, read_metrics, write_json
+
+if TYPE_CHECKING:
+    from normlab.run_spec import RunSpec
 
 log = logging.getLogger(__name__)
 STATE_FILE = "wandb.json"  # in the run folder: {"id": the job's W&B run}
@@ -55,8 +58,9 @@ def drop_inherited_service() -> None:
 
 
 class WandbLogger:
-    def __init__(self, cfg, run_dir, resolved_config: dict[str, Any], run_name: str, resuming: bool) -> None:
+    def __init__(self, spec: RunSpec, run_dir, resuming: bool) -> None:
         self.run, self.run_dir, self.defined = None, Path(run_dir), set()
+        cfg = spec.logger
         try:
             import wandb
 
@@ -64,8 +68,8 @@ class WandbLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             drop_inherited_service()
             self.run = wandb.init(
-                project=cfg.project, entity=cfg.entity, group=resolved_config.get("name"),
-                job_type=resolved_config["norm"]["name"], name=run_name, config=resolved_config,
+                project=cfg.project, entity=cfg.entity, group=spec.name, job_type=spec.norm.name,
+                name=spec.run_name, config=spec.recorded_config,
                 tags=list(cfg.tags), mode=cfg.mode, dir=str(cfg.dir or run_dir), reinit="finish_previous",
                 id=run_id, resume="allow", settings=wandb.Settings(init_timeout=60),
             )
