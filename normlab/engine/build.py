@@ -14,7 +14,7 @@ from normlab.engine.memory_format import FORMATS, FormatChoice, cache_key, choos
 from normlab.engine.optim import Schedule, build_optimizer, build_schedule
 from normlab.engine.step import CudaGraphStep, TrainStep, compile_model
 from normlab.models import build_model
-from normlab.norms import norm_spec, to_process_local_bn
+from normlab.norms import norm_entry, to_process_local_bn
 from normlab.run_spec import RunSpec
 
 
@@ -44,7 +44,7 @@ def choose_job_memory_format(spec: RunSpec, resume_state: dict | None) -> Format
 
     job_steps = shape.train_size // plan.total_batch * spec.length.epochs if shape.train_size else None
     rank_batch = plan.total_batch // ranks
-    batch = ((plan.per_worker, plan.workers // ranks) if norm_spec(spec.norm.name).batch_dependent
+    batch = ((plan.per_worker, plan.workers // ranks) if norm_entry(spec.norm.name).batch_dependent
              else rank_batch)  # W changes a batch-dependent norm's step
     key = cache_key(runtime.device, model=spec.model.name, model_options=spec.model.options, norm=spec.norm.options,
                     batch=batch, precision=str(runtime.precision), image=(shape.channels, shape.size),
@@ -89,5 +89,5 @@ def build_job(spec: RunSpec, memory_format: FormatChoice) -> Job:
     schedule = build_schedule(optimizer, spec.schedule, len(loaders.train), spec.length.epochs)
     step = TrainStep(forward, optimizer, device=runtime.device, precision=runtime.precision,
                      label_smoothing=spec.optim.label_smoothing, autocast_cache=not runtime.cuda_graph,
-                     sync_buffers=world.size > 1 and norm_spec(spec.norm.name).trains_on_running_stats)
+                     sync_buffers=world.size > 1 and norm_entry(spec.norm.name).trains_on_running_stats)
     return Job(loaders, model, forward, optimizer, schedule, CudaGraphStep(step) if runtime.cuda_graph else step)

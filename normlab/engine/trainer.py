@@ -32,7 +32,7 @@ from normlab.engine.provenance import summarize
 from normlab.engine.rerun import job_is_done
 from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
-from normlab.norms import cpu_kernel, norm_spec
+from normlab.norms import cpu_kernel, norm_entry
 from normlab.records import RunDir, append_metrics, atomic_write, write_metrics
 from normlab.run_spec import RunSpec, Runtime
 
@@ -106,7 +106,7 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     trained = TrainingTime(state["wall_time_s"] if state else 0.0)
     logger = (build_logger(spec, records.path, resuming=state is not None)
               if world.main else NullLogger())
-    norm = norm_spec(spec.norm.name)
+    norm = norm_entry(spec.norm.name)
     facts: dict[str, Any] = {"batch_dependent": norm.batch_dependent,  # a batch-independent norm's modes are alike
                              "bn_stats": str(spec.eval.bn_stats) if norm.batch_dependent or norm.synced
                              else "n/a (batch-independent norm)"}

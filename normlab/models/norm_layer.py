@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from normlab.norms import NormChannelError, build_norm, check_norm_options, norm_spec
+from normlab.norms import NormChannelError, build_norm, check_norm_options, norm_entry
 
 NormChoice = str | Mapping[str, Any]
 
@@ -52,7 +52,7 @@ class NormLayer:
 
     def __init__(self, norm: NormChoice, workers: int = 1) -> None:
         name, options = parse_norm(norm)
-        self.spec = norm_spec(name)
+        self.spec = norm_entry(name)
         if self.spec.batch_dependent:
             if options.get("workers", workers) != workers:
                 raise ValueError(f"{name}: workers={options['workers']} in the norm options disagrees with "

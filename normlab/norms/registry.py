@@ -30,7 +30,7 @@ def no_norm(num_channels: int) -> nn.Identity:
 
 
 @dataclass(frozen=True)
-class NormSpec:
+class NormEntry:
     """One registry entry: how to build the layer and what a model must know about it."""
 
     name: str
@@ -54,31 +54,31 @@ class NormSpec:
         return self.layer if isinstance(self.layer, type) else typing.get_type_hints(self.layer)["return"]
 
 
-_SPECS = (
-    NormSpec("bn", PerWorkerBatchNorm2d, "Ioffe & Szegedy 2015; per-worker statistics as in Wu & He 2018",
+_ENTRIES = (
+    NormEntry("bn", PerWorkerBatchNorm2d, "Ioffe & Szegedy 2015; per-worker statistics as in Wu & He 2018",
              batch_dependent=True),
-    NormSpec("gn", group_norm, "Wu & He, Group Normalization, ECCV 2018"),
-    NormSpec("ln", layer_norm, "Ba et al. 2016, as GN with G=1 (Wu & He 2018)"),
-    NormSpec("in", instance_norm, "Ulyanov et al. 2016, as GN with G=C (Wu & He 2018)"),
-    NormSpec("none", no_norm, "no normalization"),
+    NormEntry("gn", group_norm, "Wu & He, Group Normalization, ECCV 2018"),
+    NormEntry("ln", layer_norm, "Ba et al. 2016, as GN with G=1 (Wu & He 2018)"),
+    NormEntry("in", instance_norm, "Ulyanov et al. 2016, as GN with G=C (Wu & He 2018)"),
+    NormEntry("none", no_norm, "no normalization"),
     # compiled, BRN's γ gradient differs from eager's (its outputs and input gradients match): tests/test_compile.py
-    NormSpec("brn", BatchRenorm2d, "Ioffe, Batch Renormalization, NeurIPS 2017", batch_dependent=True,
+    NormEntry("brn", BatchRenorm2d, "Ioffe, Batch Renormalization, NeurIPS 2017", batch_dependent=True,
              compile_safe=False, trains_on_running_stats=True),
-    NormSpec("frn", FilterResponseNorm2d, "Singh & Krishnan, Filter Response Normalization, CVPR 2020",
+    NormEntry("frn", FilterResponseNorm2d, "Singh & Krishnan, Filter Response Normalization, CVPR 2020",
              has_activation=True),
-    NormSpec("evonorm_b0", EvoNormB0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
+    NormEntry("evonorm_b0", EvoNormB0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
              batch_dependent=True, has_activation=True),
-    NormSpec("evonorm_s0", EvoNormS0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
+    NormEntry("evonorm_s0", EvoNormS0, "Liu et al., Evolving Normalization-Activation Layers, NeurIPS 2020",
              has_activation=True),
-    NormSpec("gn_ws", group_norm, "Qiao et al., Weight Standardization, 2019 (with GN)", standardize_convs=True),
-    NormSpec("syncbn", SyncBatchNorm2d, "Ioffe & Szegedy 2015, statistics synchronized over all workers "
+    NormEntry("gn_ws", group_norm, "Qiao et al., Weight Standardization, 2019 (with GN)", standardize_convs=True),
+    NormEntry("syncbn", SyncBatchNorm2d, "Ioffe & Szegedy 2015, statistics synchronized over all workers "
              "(Peng et al., MegDet, CVPR 2018); the large-batch BN of Wu & He 2018, Sec. 6", synced=True),
 )
-REGISTRY: dict[str, NormSpec] = {spec.name: spec for spec in _SPECS}
+REGISTRY: dict[str, NormEntry] = {entry.name: entry for entry in _ENTRIES}
 NORMS: tuple[str, ...] = tuple(REGISTRY)
 
 
-def norm_spec(name: str) -> NormSpec:
+def norm_entry(name: str) -> NormEntry:
     """The registry entry for `name`; ValueError listing the valid names if there is none."""
     try:
         return REGISTRY[name]
@@ -86,9 +86,9 @@ def norm_spec(name: str) -> NormSpec:
         raise ValueError(f"unknown norm {name!r}; valid norms: {', '.join(NORMS)}") from None
 
 
-def check_norm_options(name: str, **options: Any) -> NormSpec:
+def check_norm_options(name: str, **options: Any) -> NormEntry:
     """Check everything about `options` that does not depend on the channel count; return the spec."""
-    spec = norm_spec(name)
+    spec = norm_entry(name)
     check_options(name, spec.layer, options)
     workers = options.get("workers", 1)
     if not isinstance(workers, int) or workers < 1:
@@ -117,7 +117,7 @@ def build_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
         raise NormChannelError(f"{name}: {e}") from None
 
 
-NORM_TYPES = tuple({spec.module_type for spec in _SPECS} - {nn.Identity})
+NORM_TYPES = tuple({entry.module_type for entry in _ENTRIES} - {nn.Identity})
 
 
 def is_norm(module: nn.Module) -> bool:
