@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> str:
             return "failed"
         print(f"normlab-train: error: {e}", file=sys.stderr)
         sys.exit(WRITE_FAILED_EXIT)
-    except Exception as e:  # noqa: BLE001 - recorded in summary.json by train()
+    except Exception as e:  # noqa: BLE001 - recorded in summary.json by the trainer
         if not in_multirun():
             raise
         log.exception("job failed, the sweep goes on: %s", e)

@@ -4,9 +4,10 @@ Which format makes a whole training step faster depends on the convolutions (fas
 modern CPUs and GPUs) and on the norms (torch's BN, GN and per-worker BN each prefer one or the other,
 differently by precision, W and N), so it flips with the model, norm, batch, precision and device. At job
 start, a short probe trains throw-away copies of the model on random data for a few steps in each format,
-alternating, and keeps the faster one. The result is cached per (device, torch, threads, model, norm, N and W
-for a batch-statistics norm or the total batch for the others, precision) in normlab's cache folder, so a sweep
-probes each setting once, and a batch-independent norm runs in one format at every N of a fixed total batch. A job shorter than
+alternating, and keeps the faster one. The result is cached per (device, threads, the CPU kernel's build,
+torch and normlab versions, model, norm, N and W for a batch-statistics norm or the total batch for the others,
+precision) in normlab's cache folder, so a sweep probes each setting once, and a batch-independent norm runs in
+one format at every N of a fixed total batch. A job shorter than
 PROBE_STEPS / MAX_PROBE_SHARE steps is not probed: it uses the cached choice if there is one, else NCHW.
 """
 

@@ -36,5 +36,5 @@ def resolve_cuda_graph(setting: Any, device: torch.device, compile: bool, host_s
                        ranks: int = 1) -> bool:
     """auto: on CUDA, unless the model is compiled, the norm reads a value on the host (`host_synced`) or the
     job runs on several processes (DDP's gradient all-reduce is not captured here). A graph replays the whole
-    step with one launch, which pays most at small batches (README "Performance")."""
+    step with one launch, which pays most at small batches (docs/performance.md)."""
     return resolve_switch(setting, device.type == "cuda" and not compile and not host_synced and ranks == 1)

@@ -1,7 +1,7 @@
 """The training step (forward, loss, backward, optimizer) as one call: eager, or replayed as a CUDA graph.
 
 At small batches a GPU step is bound by kernel launches, not arithmetic: a ResNet-20 step with
-per-worker BN issues over a thousand tiny kernels. ``CudaGraphStep`` records the whole step once and
+per-worker BN issues many tiny kernels. ``CudaGraphStep`` records the whole step once and
 replays it with a single launch per batch (``trainer.cuda_graph=true``).
 """
 
@@ -27,7 +27,7 @@ def autocast(device: torch.device, precision: str, *, cache: bool = True):
 def compile_model(module: nn.Module, mode: str | None = None) -> nn.Module:
     """``torch.compile`` as training uses it (``trainer.compile``): static shapes. With dynamic shapes, which Dynamo
     switches to once a process has seen a second shape, per-worker BN's view arithmetic sends Inductor's symbolic
-    simplification into minutes per graph; a job's few shapes (train, eval, a last partial batch) compile once each.
+    simplification into a very long search; a job's few shapes (train, eval, a last partial batch) compile once each.
     The CPU kernel is looked up first, so that the compiled graph calls it when it is there."""
     cpu_kernel.available()
     return torch.compile(module, mode=mode, dynamic=False)

@@ -3,8 +3,9 @@
 - The job's W&B run id is kept in its folder (``wandb.json``): a job that resumes from its checkpoint (an
   epoch's, or the step a preemption signal stopped at, in its first epoch too) goes on in the same W&B run
   (``resume="allow"``) and sends the epochs it resumes after again, since a kill loses what W&B's service
-  had not yet written; W&B keeps one row per step (the epoch), so every epoch is there once. A job that starts over (a fresh folder, ``trainer.force``) gets a new run: the id is the folder's
-  path hashed, plus a random part.
+  had not yet written; W&B keeps one row per step (the epoch), so every epoch is there once. A job that
+  starts over (a fresh folder, ``trainer.force``) gets a new run: the id is the folder's path hashed, plus a
+  random part.
 - The epoch is every metric's step (``define_metric``); the error metrics' summaries are their minimum while the
   run goes, and at the end the run's summary is ``summary.json`` (``val_error`` the final one, ``best_val_error``
   the minimum), as ``normlab-report --wandb`` reads it.

@@ -39,7 +39,7 @@ _loaded = False  # available()'s last eager answer: compiled code reads it, a co
 def available() -> bool:
     """Whether the library is built and loaded (the first call builds it). Under torch.compile, the answer of the
     last eager call: ``engine.step.compile_model`` asks once before compiling. (Not Dynamo's
-    ``assume_constant_result``: its decorator imports Dynamo, seconds of every process's start.)"""
+    ``assume_constant_result``: its decorator imports Dynamo, which would slow every process's start.)"""
     global _loaded
     if torch.compiler.is_compiling():
         return _loaded

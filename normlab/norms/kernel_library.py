@@ -1,7 +1,7 @@
 """The CPU kernel's shared library (cpu_kernel.cpp): built once per machine, trusted only if it is this user's own,
 loaded only if its entry points take the arguments normlab passes.
 
-It is plain C++ (no torch headers: about a second to build), compiled with ``$CXX`` (else ``c++``) and
+It is plain C++ (no torch headers, so it builds quickly), compiled with ``$CXX`` (else ``c++``) and
 ``-O3 -march=native -fopenmp`` into normlab's cache folder under a name hashed from the source, the compiler, the
 flags and the CPU, so an edit, another compiler or another CPU builds afresh.
 
