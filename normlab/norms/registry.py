@@ -1,8 +1,9 @@
 """The norm registry: every 2-D normalization layer in normlab, keyed by the name used in config.
 
 A model asks for ``build_norm(name, C, **options)`` with the layer's channel count first and the
-options from config, as timm's ``create_norm_layer`` does. Options are checked here, once, before
-a layer is built.
+options from config, as timm's ``create_norm_layer`` does. Options are checked here
+(``check_norm_options``) before any layer is built, by the same rules whoever asks: a model's
+``NormLayer`` or a direct caller.
 """
 
 from __future__ import annotations
