@@ -25,9 +25,10 @@ import logging
 import math
 import os
 import socket
+import stat
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -42,6 +43,10 @@ FINAL_STATUSES = ("done", "diverged")  # "failed" and "preempted" runs resume fr
 WRITE_FAILED_EXIT = 74  # sysexits.h EX_IOERR: the exit code of a job or report whose write failed (bad input: 2)
 RUN_FOLDER_ELSEWHERE = "give the job another hydra.run.dir (hydra.sweep.dir in a sweep)"
 DISK_FULL_OR_READ_ONLY = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # errors only a write raises
+MAX_RECORD_BYTES = 64 * 2**20  # far above any real record: a larger "record" is read as unreadable, not into memory
+# What reading a record from disk can raise (JSON's and the int-digit limit's errors are ValueErrors; deep nesting
+# is a RecursionError): a record that raises any of them is unreadable, never a crash.
+READ_ERRORS = (OSError, ValueError, RecursionError, yaml.YAMLError)
 
 _WHAT_TO_DO = {
     errno.ENOSPC: "free space on the file system that holds {folder}",
@@ -122,11 +127,33 @@ def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def read_record_text(path: str | os.PathLike) -> str:
+    """A record's text, read only from a regular file of at most MAX_RECORD_BYTES: a FIFO, a device (a link to
+    /dev/zero) or a huge file is refused (ValueError) before it can block or fill memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{Path(path).name} is not a regular file")
+        if info.st_size > MAX_RECORD_BYTES:
+            raise ValueError(f"{Path(path).name} is {info.st_size:,} bytes, more than a record can be "
+                             f"({MAX_RECORD_BYTES:,})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_RECORD_BYTES + 1).decode("utf-8")
+    finally:
+        os.close(fd)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """A YAML record as plain data (``safe_load``: no tags that build objects); READ_ERRORS if it cannot be read."""
+    return yaml.safe_load(read_record_text(path))
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON object in `path`; None if there is none, or if it is not a readable JSON object."""
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = json.loads(read_record_text(path))
+    except READ_ERRORS:
         return None
     return data if isinstance(data, dict) else None
 
@@ -137,10 +164,10 @@ def unreadable_reason(path: str | os.PathLike) -> str | None:
     if not path.exists():
         return None
     try:
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        data = read_yaml(path) if path.suffix in (".yaml", ".yml") else json.loads(read_record_text(path))
+    except READ_ERRORS as e:
+        message = "nested too deeply" if isinstance(e, RecursionError) else (str(e).splitlines() or [""])[0]
+        return f"{type(e).__name__}: {message}"
     return None if isinstance(data, dict) else f"not a mapping ({type(data).__name__})"
 
 
@@ -174,17 +201,29 @@ def append_metrics(path: str | os.PathLike, row: dict[str, Any]) -> None:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete line of a metrics file; a torn last line (a killed writer) is skipped."""
+    """Every complete line of a metrics file that is a JSON object; a torn last line (a killed writer) is skipped,
+    and so is a file that cannot be read as a record (read_record_text), with a warning."""
     rows = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = read_record_text(path).splitlines()
     except FileNotFoundError:
         return rows
+    except READ_ERRORS as e:
+        logging.getLogger("normlab").warning("%s cannot be read (%s): no epochs read from it", path, e)
+        return rows
+    return parse_rows(lines)
+
+
+def parse_rows(lines: Iterable[str]) -> list[dict[str, Any]]:
+    """The lines of a JSON-lines record that are JSON objects (one epoch's, one job's); the rest are skipped."""
+    rows = []
     for line in lines:
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 

@@ -11,7 +11,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 
 from normlab import sweep_outcome
 from normlab.pace import eta
-from normlab.records import RunDir
+from normlab.records import RunDir, parse_rows, read_metrics
 from normlab.sweep_jobs import MAX_PRECHECKED_JOBS, count_jobs, invalid_jobs, swept_keys
 
 log = logging.getLogger("normlab.sweep")
@@ -139,14 +138,14 @@ class SweepProgress(Callback):
             f.write(json.dumps(entry) + "\n")
             f.flush()
             f.seek(0)
-            return sum(1 for e in _entries(f.read()) if e.get("sweep") == self.sweep_id)
+            return sum(1 for e in parse_rows(f.read().splitlines()) if e.get("sweep") == self.sweep_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             if self.sweep_id is None or self.sweep_dir is None:
                 return
             path = Path(self.sweep_dir) / PROGRESS_FILE
-            mine = [e for e in _entries(path.read_text() if path.exists() else "") if e.get("sweep") == self.sweep_id]
+            mine = [e for e in read_metrics(path) if e.get("sweep") == self.sweep_id]
             counts: dict[str, int] = {}
             for e in mine:
                 counts[e["status"]] = counts.get(e["status"], 0) + 1
@@ -159,11 +158,3 @@ class SweepProgress(Callback):
                      best_text, self.sweep_dir, f" · {unfinished} not finished: exit code 1" if unfinished else "")
         except Exception as e:  # noqa: BLE001
             log.warning("sweep progress: no tally (%s: %s)", type(e).__name__, e)
-
-
-def _entries(text: str) -> Iterator[dict]:
-    for line in text.splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue

@@ -163,3 +163,51 @@ def test_a_checkpoints_stopped_epoch_that_makes_no_sense_is_moved_aside_and_the_
         train(tiny("trainer.epochs=2"), tmp_path)
     assert train(tiny("trainer.epochs=2"), tmp_path)["status"] == "done"  # from checkpoint.prev.pt (epoch 1)
     assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def hostile_records(folder) -> dict:
+    """Files no record should be: each must read as unreadable, at once, without a traceback or a hang."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fifo = folder / "fifo.json"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    device = folder / "zero.json"
+    device.symlink_to("/dev/zero")  # endless bytes
+    nested = folder / "nested.json"
+    nested.write_text("[" * 100_000 + "]" * 100_000)
+    digits = folder / "digits.json"
+    digits.write_text('{"val_error": ' + "9" * 5000 + "}")  # beyond Python's int-digit limit
+    latin = folder / "latin.json"
+    latin.write_bytes(b'{"norm": "\xe9"}')
+    directory = folder / "dir.json"
+    directory.mkdir()
+    return {"fifo": fifo, "device": device, "nested": nested, "digits": digits, "latin": latin, "dir": directory}
+
+
+def test_records_that_are_not_records_read_as_unreadable_without_blocking_or_filling_memory(tmp_path, monkeypatch):
+    from normlab import records
+
+    for name, path in hostile_records(tmp_path).items():
+        assert records.read_json(path) is None, name
+        assert records.unreadable_reason(path), name
+        assert records.read_metrics(path) == [], name
+    nested_yaml = tmp_path / "nested.yaml"
+    nested_yaml.write_text("a: " + "[" * 50_000 + "]" * 50_000)
+    assert "nested too deeply" in records.unreadable_reason(nested_yaml)
+    big = tmp_path / "big.json"
+    big.write_text('{"a": 1}')
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 4)
+    assert records.read_json(big) is None and "more than a record can be" in records.unreadable_reason(big)
+    lines = tmp_path / "rows.jsonl"
+    lines.write_text('{"epoch": 1}\n[1, 2]\n"x"\n{"epoch": ' + "9" * 5000 + '}\n{"epoch": 2}\n{"epo')
+    monkeypatch.setattr(records, "MAX_RECORD_BYTES", 2**20)
+    assert records.read_metrics(lines) == [{"epoch": 1}, {"epoch": 2}]  # only whole JSON objects are rows
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "nested", "latin"])
+def test_a_job_whose_summary_is_not_a_record_is_refused_by_name_not_hung_or_crashed(tiny, tmp_path, kind):
+    hostile = hostile_records(tmp_path / "made")[kind]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").symlink_to(hostile)
+    with pytest.raises(ConfigError, match=r"holds records that cannot be read: summary\.json"):
+        train(tiny("trainer.epochs=1"), run)

@@ -29,7 +29,7 @@ import torch
 import normlab
 import normlab.cache
 from normlab.norms import cpu_kernel
-from normlab.records import write_json
+from normlab.records import READ_ERRORS, read_record_text, write_json
 from normlab.switches import switch
 
 WARMUP_STEPS, TIMED_STEPS, ROUNDS = 2, 3, 2
@@ -64,8 +64,8 @@ def cache_key(device: torch.device, **setting: Any) -> str:
 
 def read_cache(folder: Path) -> dict[str, Any]:
     try:
-        cache = json.loads((folder / CACHE_FILE).read_text())
-    except (OSError, ValueError):
+        cache = json.loads(read_record_text(folder / CACHE_FILE))
+    except READ_ERRORS:
         return {}
     return cache if isinstance(cache, dict) else {}
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import yaml
-
 from normlab.errors import ConfigError
-from normlab.records import RunDir, read_metrics
+from normlab.records import RunDir, read_metrics, read_yaml
 from normlab.run_spec import RunSpec
 from normlab.settings import schema_defaults
 
@@ -62,7 +60,7 @@ def job_changes(spec: RunSpec, records: RunDir) -> list[tuple[str, Any, Any]]:
     if not records.config.exists() or not (records.is_final() or records.checkpoint.exists()
                                            or records.previous_checkpoint.exists() or read_metrics(records.metrics)):
         return []
-    saved = yaml.safe_load(records.config.read_text())  # a mapping: RunDir.unreadable() was asked first
+    saved = read_yaml(records.config)  # a mapping: RunDir.unreadable() was asked first
     return changed_keys(saved, spec.recorded_config, schema_defaults(spec.norm.name))
 
 
