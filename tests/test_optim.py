@@ -114,8 +114,8 @@ def test_resuming_keeps_the_tensor_lr_a_cuda_graph_reads(tmp_path):
     schedule = build_schedule(optimizer, cfg.schedule, 10, 10)
     for _ in range(35):  # past the first ÷10 at step 30
         schedule.step()
-    save_checkpoint(RunDir(tmp_path), model=model, optimizer=optimizer, schedule=schedule, epoch=3, metrics=[],
-                    wall_time_s=0.0)
+    save_checkpoint(RunDir(tmp_path), model=model, optimizer=optimizer, schedule=schedule, epoch=3,
+                    metrics=[{"epoch": e} for e in (1, 2, 3)], wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1, capturable=True)
     lr = fresh.param_groups[0]["lr"]
     restore_checkpoint(read_checkpoint(RunDir(tmp_path).checkpoint), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
@@ -132,7 +132,7 @@ def test_resuming_keeps_how_this_run_steps(tmp_path):
     model = build_model("resnet8", 10, "bn")
     old = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
     save_checkpoint(RunDir(tmp_path), model=model, optimizer=old, schedule=build_schedule(old, cfg.schedule, 10, 10),
-                    epoch=1, metrics=[], wall_time_s=0.0)
+                    epoch=1, metrics=[{"epoch": 1}], wall_time_s=0.0)
     fresh = build_optimizer(model, cfg.optim, 0.1)
     restore_checkpoint(read_checkpoint(RunDir(tmp_path).checkpoint), model=model, optimizer=fresh, schedule=build_schedule(fresh, cfg.schedule, 10, 10))
     assert fresh.param_groups[0]["fused"] is True and fresh.param_groups[0]["foreach"] is None

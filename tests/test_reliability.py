@@ -211,3 +211,43 @@ def test_a_job_whose_summary_is_not_a_record_is_refused_by_name_not_hung_or_cras
     (run / "summary.json").symlink_to(hostile)
     with pytest.raises(ConfigError, match=r"holds records that cannot be read: summary\.json"):
         train(tiny("trainer.epochs=1"), run)
+
+
+@pytest.mark.parametrize("forged", [{"epoch": "abc"}, {"epoch": -5}, {"epoch": True}, {"metrics": [1, 2]},
+                                    {"metrics": [{"epoch": 2}, {"epoch": 1}]}, {"wall_time_s": "x"},
+                                    {"wall_time_s": float("nan")}])
+def test_a_checkpoint_whose_bookkeeping_is_forged_is_moved_aside_and_the_run_resumes_from_the_one_before(
+        tiny, tmp_path, forged):
+    """Reference: the same job run straight through. The latest checkpoint's epoch, metrics or time is not what
+    normlab writes: it is set aside by name and the job goes on from checkpoint.prev.pt to the same metrics."""
+    run = tmp_path / "run"
+    whole = train(tiny("trainer.epochs=3"), run)  # then as if killed at its end, with its latest checkpoint forged
+    (run / "summary.json").unlink()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**state, **forged}, run / "checkpoint.pt")
+    summary = train(tiny("trainer.epochs=3"), run)
+    assert summary["status"] == "done" and summary["val_error"] == whole["val_error"]
+    assert any(p.name.startswith("checkpoint.pt.corrupt-") for p in run.iterdir())
+
+
+def test_a_checkpoint_with_more_epochs_than_the_job_fails_the_job_by_name_and_the_rerun_goes_on(tiny, tmp_path):
+    train(tiny("trainer.epochs=2"), tmp_path)
+    (tmp_path / "summary.json").unlink()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    rows = state["metrics"] + [{**state["metrics"][-1], "epoch": e} for e in range(3, 10**3 + 1)]
+    torch.save({**state, "epoch": 10**3, "metrics": rows}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match=r"checkpoint\.pt does not fit this job \(ValueError: it has 1000 epochs "
+                                           r"done; this job has 2\)"):
+        train(tiny("trainer.epochs=2"), tmp_path)
+    assert train(tiny("trainer.epochs=2"), tmp_path)["status"] == "done"  # from checkpoint.prev.pt (epoch 1)
+
+
+def test_epochs_that_no_checkpoint_resumes_are_kept_aside_not_overwritten(tiny, tmp_path):
+    train(tiny("trainer.epochs=2"), tmp_path)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "summary.json").unlink()
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (tmp_path / name).write_bytes(b"garbage")
+    assert train(tiny("trainer.epochs=2"), tmp_path)["status"] == "done"  # started over
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("metrics.jsonl.unresumed-")]
+    assert len(kept) == 1 and kept[0].read_text() == before

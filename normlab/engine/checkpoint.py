@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from normlab.engine.loop import StoppedEpoch
+from normlab.engine.loop import StoppedEpoch, checked_number
 from normlab.records import RunDir, atomic_write
 
 log = logging.getLogger("normlab")
@@ -51,17 +51,25 @@ def save_checkpoint(records: RunDir, *, model, optimizer, schedule, epoch: int, 
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The saved state, read with ``weights_only=True``: tensors and plain containers only, no code runs."""
+    """The saved state, read with ``weights_only=True``: tensors and plain containers only, no code runs. Its
+    bookkeeping is data from disk, checked here (ValueError naming the key): the epochs done, a count; the
+    metrics, one object per epoch done, numbered 1, 2, ...; the time, a finite number of seconds."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise ValueError(f"not a normlab checkpoint: no {', '.join(missing)}")
+    epoch = checked_number("epoch", state["epoch"], int, owner="its")
+    checked_number("wall_time_s", state["wall_time_s"], float, owner="its")
+    metrics = state["metrics"]
+    if not isinstance(metrics, list) or len(metrics) != epoch or any(
+            not isinstance(row, dict) or row.get("epoch") != n for n, row in enumerate(metrics, start=1)):
+        raise ValueError(f"its metrics are not the rows of epochs 1 to {epoch}")
     return state
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged file out of the way, keeping it for inspection; its new path."""
-    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+def set_aside(path: Path, why: str = "corrupt") -> Path:
+    """Rename a file out of the way (``NAME.corrupt-<time>``), keeping it for inspection; its new path."""
+    aside = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(path, aside)
     return aside
 

@@ -52,11 +52,11 @@ class StoppedEpoch:
         return cls(**values)
 
 
-def checked_number(name: str, value, kind: type) -> int | float:
-    """A stopped epoch's field read from disk, as `kind`: a finite, non-negative number, or ValueError naming it.
-    The loss alone may be NaN or infinite: an epoch that diverged before the signal, as the whole run saw it."""
-    bad = ValueError(f"the stopped epoch's {name} is {reprlib.repr(value)}: not a finite, non-negative "
-                     f"{kind.__name__}")
+def checked_number(name: str, value, kind: type, owner: str = "the stopped epoch's") -> int | float:
+    """A checkpoint's number read from disk (a stopped epoch's field by default), as `kind`: a finite,
+    non-negative number, or ValueError naming it. The loss alone may be NaN or infinite: an epoch that diverged
+    before the signal, as the whole run saw it."""
+    bad = ValueError(f"{owner} {name} is {reprlib.repr(value)}: not a finite, non-negative {kind.__name__}")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad
     try:

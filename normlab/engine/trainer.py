@@ -33,7 +33,7 @@ from normlab.engine.rerun import job_is_done
 from normlab.loggers import NullLogger, build_logger
 from normlab.loggers.progress import ProgressBar
 from normlab.norms import cpu_kernel, norm_entry
-from normlab.records import RunDir, append_metrics, atomic_write, write_metrics
+from normlab.records import RunDir, append_metrics, atomic_write, read_metrics, write_metrics
 from normlab.run_spec import RunSpec, Runtime
 
 log = logging.getLogger("normlab")
@@ -101,6 +101,10 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     state = dist.on_main(lambda: read_resume_state(records))  # None: start over; damaged files moved aside
     rows = list(state["metrics"]) if state is not None else []
     if world.main:
+        if state is None and read_metrics(records.metrics):  # epochs no checkpoint resumes: kept, not overwritten
+            aside = set_aside(records.metrics, "unresumed")
+            log.warning("%s holds epochs that no checkpoint resumes; kept as %s, and the run starts over",
+                        records.metrics, aside.name)
         write_metrics(records.metrics, rows)  # realigned with what resumes
     start_epoch, status = (state["epoch"], "failed") if state else (0, "failed")
     trained = TrainingTime(state["wall_time_s"] if state else 0.0)
@@ -121,7 +125,7 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
         job = build_job(spec, memory_format)
         facts.update(train_size=job.loaders.train.num_samples, test_size=job.loaders.test.num_samples,
                      steps_per_epoch=job.steps, num_classes=job.loaders.shape.num_classes)
-        stopped = restore_into(records, state, job) if state is not None else None
+        stopped = restore_into(records, state, job, spec.length.epochs) if state is not None else None
         if state is not None:
             log.info("resuming %s after epoch %d%s", records.path, start_epoch,
                      f", in epoch {start_epoch + 1} at step {stopped.steps + 1} of {job.steps}" if stopped else "")
@@ -154,17 +158,20 @@ def run(spec: RunSpec, records: RunDir) -> dict[str, Any]:
     return summary
 
 
-def restore_into(records: RunDir, state: dict, job: Job) -> StoppedEpoch | None:
+def restore_into(records: RunDir, state: dict, job: Job, epochs: int) -> StoppedEpoch | None:
     """The checkpoint's state into the job, and the epoch it stopped in, if it did; one that does not fit this
     model is moved aside, and the job fails."""
     try:
+        if state["epoch"] > epochs:
+            raise ValueError(f"it has {state['epoch']} epochs done; this job has {epochs}")
         stopped = restore_checkpoint(state, model=job.model, optimizer=job.optimizer, schedule=job.schedule)
         if stopped is not None and stopped.steps > job.steps:
             raise ValueError(f"it stopped an epoch after step {stopped.steps}; this job's epochs have {job.steps}")
         return stopped
     except (RuntimeError, KeyError, ValueError, TypeError, OverflowError) as e:
-        aside = set_aside(records.checkpoint).name if dist.current().main else "checkpoint.pt.corrupt-<time>"
-        raise RuntimeError(f"{records.checkpoint.name} does not fit this job ({type(e).__name__}: "
+        read = records.checkpoint if records.checkpoint.exists() else records.previous_checkpoint  # the one read
+        aside = set_aside(read).name if dist.current().main else f"{read.name}.corrupt-<time>"
+        raise RuntimeError(f"{read.name} does not fit this job ({type(e).__name__}: "
                            f"{str(e).splitlines()[0]}); moved aside to {aside} (by rank 0). Rerun: it resumes "
                            f"from {records.previous_checkpoint.name} if there is one, else starts over") from None
 
