@@ -19,6 +19,7 @@ from normlab.config import GROUP_SCHEMAS, BatchConfig, EvalConfig, TrainConfig, 
 from normlab.data import DataSpec
 from normlab.engine import dist
 from normlab.engine.runtime import resolve_cuda_graph, resolve_device, resolve_precision
+from normlab import memory
 from normlab.errors import ConfigError
 from normlab.loggers.progress import ProgressBar
 from normlab.norms import REGISTRY
@@ -34,6 +35,7 @@ def _check(condition: bool, key: str, value: Any, valid: str) -> None:
 
 
 INF = float("inf")
+MAX_THREADS = 1024  # more intra-op threads than any machine has cores: each costs a stack, and a process can run out
 # key: (low, high, what is valid); a value must be a finite number with low <= value <= high ("(" excludes low)
 RANGES: dict[str, tuple[str, float, float, str]] = {
     "seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
@@ -50,6 +52,8 @@ RANGES: dict[str, tuple[str, float, float, str]] = {
     "data.train_subset": ("[", 1, INF, ">= 1, or null for the whole training set"),
     "data.test_subset": ("[", 1, INF, ">= 1, or null for the whole test set"),
     "data.subset_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
+    "optim.base_batch": ("[", 1, INF, ">= 1"),
+    "trainer.threads": ("[", 1, MAX_THREADS, f"in [1, {MAX_THREADS}], or null for torch's default"),
     "optim.momentum": ("[", 0, 0.999999, "in [0, 1)"),
     "optim.weight_decay": ("[", 0, INF, ">= 0"),
     "schedule.gamma": ("(", 0, 1, "in (0, 1]: the factor at each milestone"),
@@ -116,15 +120,12 @@ def validate(cfg: DictConfig) -> DataSpec:
            "milestones are fractions of training, each between 0 and 1")
     _check(0 <= cfg.schedule.warmup_epochs <= cfg.trainer.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
            f"must be in [0, trainer.epochs={cfg.trainer.epochs}]")
-    _check(cfg.optim.base_batch >= 1, "optim.base_batch", cfg.optim.base_batch, "must be >= 1")
     _check(0 < cfg.optim.base_lr < INF, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
     _check(cfg.optim.lr is None or 0 < cfg.optim.lr < INF, "optim.lr", cfg.optim.lr,
            "must be > 0, or null for the linear scaling rule")
     _check(cfg.data.eval_batch >= 1, "data.eval_batch", cfg.data.eval_batch, "must be >= 1")
     _check(cfg.data.crop_padding is None or cfg.data.crop_padding >= 0, "data.crop_padding", cfg.data.crop_padding,
            "must be >= 0, or null for size/8")
-    _check(cfg.trainer.threads is None or cfg.trainer.threads >= 1, "trainer.threads", cfg.trainer.threads,
-           "must be >= 1, or null for torch's default")
     _check(switch(cfg.trainer.progress) in SWITCH, "trainer.progress",
            cfg.trainer.progress, "valid: auto, true, false")
     _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
@@ -157,6 +158,8 @@ def validate(cfg: DictConfig) -> DataSpec:
         raise ConfigError(f"batch.per_worker × workers = {cfg.batch.per_worker} × {plan.workers} = {total} "
                           f"is invalid: data={cfg.data.name} has {shape.train_size} training images, fewer than one "
                           f"step's batch; lower batch.per_worker, batch.workers or batch.total")
+    _check(cfg.data.crop_padding is None or cfg.data.crop_padding <= shape.size, "data.crop_padding",
+           cfg.data.crop_padding, f"must be in [0, {shape.size}] (the image size), or null for size/8")
     _check_model(cfg, plan, shape)
     return data
 
@@ -257,6 +260,11 @@ def _check_model(cfg: DictConfig, plan: BatchPlan, shape) -> None:
                                 in_chans=shape.channels, **options)
     except ValueError as e:
         raise ConfigError(f"cannot build model={cfg.model.name} with norm={cfg.norm.name}: {e}") from None
+    parameters = sum(p.numel() for p in model.parameters())  # the weights, their gradients and SGD's momentum
+    memory.check_fits(3 * parameters * 4, memory.host_available_bytes(),
+                      f"model={cfg.model.name} at model.width={cfg.model.get('width')} ({parameters:,} parameters; "
+                      "their weights, gradients and momentum)",
+                      "this machine", "Use a smaller model.width")
     entered: list[str] = []
     hooks = [m.register_forward_pre_hook(lambda _m, _x, path=path: entered.append(path))
              for path, m in model.named_modules() if path]

@@ -219,6 +219,10 @@ def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(ti
     ("norm.momentum=2", r"norm\.momentum=2\.0 is invalid: must be in \[0, 1\]"),
     ("data.in_memory_max_gb=-1", r"data\.in_memory_max_gb=-1\.0 is invalid"),
     ("data.train_subset=0", r"data\.train_subset=0 is invalid"),
+    ("optim.base_batch=0", r"optim\.base_batch=0 is invalid: must be >= 1"),  # before the lr divides by it
+    ("trainer.threads=100000", r"trainer\.threads=100000 is invalid: must be in \[1, 1024\]"),
+    ("data.crop_padding=9", r"data\.crop_padding=9 is invalid: must be in \[0, 8\] \(the image size\)"),
+    ("model.width=100000000", r"model=resnet20 at model\.width=100000000 \(.* parameters; .*\) needs .* GB, more than"),
     ("+trainer.epoch=3", r"trainer\.epoch is not a normlab key .*did you mean trainer\.epochs\?"),
     ("+seedz=1", r"seedz is not a normlab key .*did you mean seed\?"),
 ])
