@@ -71,10 +71,25 @@ def hydra_notes(argv: list[str]) -> Path:
     return (static_part(folder) if folder else Path(DEFAULT_ROOT)) / ".hydra"
 
 
+def folder_name_problem(argv: list[str]) -> str | None:
+    """`name` names a folder under results/ (results/<name>/...): one plain folder name, not a path."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if sep and key == "name":
+            value = value.strip("'\"")
+            if not value or value in (".", "..") or "/" in value or "\\" in value or len(value) > 100:
+                return (f"name={value!r} is invalid: it names the folder results/<name>/, so it must be one folder "
+                        "name of 1 to 100 characters, without '/'; to write elsewhere, give hydra.run.dir "
+                        "(hydra.sweep.dir in a sweep)")
+    return None
+
+
 def check(argv: list[str]) -> str | None:
     """The one-line refusal for the run or sweep folder of a command line, or None when it looks right."""
     if any(arg in INFO_FLAGS or arg.startswith("--cfg") for arg in argv):  # prints, writes no folder
         return None
+    if (reason := folder_name_problem(argv)) is not None:
+        return reason
     folders = named_folders(argv) or {"hydra.run.dir": DEFAULT_ROOT}
     for key, value in folders.items():
         reason = problem(static_part(value))

@@ -15,6 +15,7 @@ sweep goes on; its run directory says what happened, and the sweep exits 1 (norm
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -145,6 +146,11 @@ def cli() -> None:
         print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:  # Hydra's own notes, written before a job starts (a sweep stops there): a full disk
+        if e.errno == errno.ENAMETOOLONG:  # a folder named by many overrides: bad input, said before training
+            print(f"normlab-train: error: a run folder's name is longer than the file system allows ({e.filename}): "
+                  "a job's folder is named by the overrides that differ; give hydra.run.dir (hydra.sweep.subdir "
+                  "in a sweep) a shorter name", file=sys.stderr)
+            sys.exit(2)
         if e.errno not in DISK_FULL_OR_READ_ONLY:
             raise
         where = e.filename or run_folder.hydra_notes(sys.argv[1:])

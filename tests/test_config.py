@@ -182,6 +182,21 @@ def test_bad_input_on_the_cli_is_a_short_message_and_exit_2(tmp_path: Path):
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("name", ["../../escape", "a/b", "", "x" * 101])
+def test_a_name_that_is_not_one_folder_name_is_refused_before_any_folder_is_made(tmp_path: Path, name):
+    result = run_cli(*TINY, f"name={name}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"name={name!r} is invalid: it names the folder results/<name>/" in result.stderr
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent / "escape").exists()
+
+
+def test_a_run_folder_name_too_long_for_the_file_system_is_exit_2_with_what_to_do(tmp_path: Path):
+    result = run_cli(*TINY, "data.classes=[" + ",".join(f"class{i:03d}" for i in range(60)) + "]", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "a run folder's name is longer than the file system allows" in result.stderr
+    assert "give hydra.run.dir (hydra.sweep.subdir in a sweep) a shorter name" in result.stderr
+
+
 def test_cuda_graph_needs_cuda_and_excludes_compile(tiny):
     with pytest.raises(ConfigError, match="use trainer.cuda_graph or trainer.compile, not both"):
         validate(tiny("trainer.cuda_graph=true", "trainer.compile=true"))
