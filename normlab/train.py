@@ -132,15 +132,16 @@ def cli() -> None:
         quiet = [f"{group}=none" for group in ("hydra/job_logging", "hydra/hydra_logging")
                  if not any(arg.lstrip("+~").startswith(group) for arg in sys.argv)]  # a user's own choice stands
         sys.argv += ["hydra.output_subdir=null", *quiet]
-    if "--dry-run" in sys.argv[1:]:  # the sweep's jobs and what a run would do with each; nothing runs
-        from normlab import sweep_plan
-
-        sys.exit(sweep_plan.main([a for a in sys.argv[1:] if a not in ("--dry-run", "-m", "--multirun")], CONFIG_DIR))
     refusal = run_folder.check(sys.argv[1:])  # before Hydra makes the folder and writes into it
     if refusal is not None:
         print(f"normlab-train: error: {refusal}", file=sys.stderr)
         sys.exit(2)
     try:
+        if "--dry-run" in sys.argv[1:]:  # the sweep's jobs and what a run would do with each; nothing runs
+            from normlab import sweep_plan
+
+            args = [a for a in sys.argv[1:] if a not in ("--dry-run", "-m", "--multirun")]
+            sys.exit(sweep_plan.main(args, CONFIG_DIR))
         main()
     except (HydraException, OmegaConfBaseException) as e:
         print(f"normlab-train: error: {one_line(e)}", file=sys.stderr)

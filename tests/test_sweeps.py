@@ -108,3 +108,12 @@ def test_an_option_hydra_cannot_find_refuses_the_sweep_and_the_precheck_goes_on_
     assert result.returncode == 2 and "Could not find 'norm/bogus'" in out and "Traceback" not in out
     assert "1 of 2 jobs will be skipped" in out and "skip norm=gn: " in out and "skip norm=bogus" not in out
     assert not list(tmp_path.glob("*/summary.json"))
+
+
+def test_dry_run_refuses_what_the_sweep_refuses_with_one_line_and_exit_2(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for args, words in ((["bogus=1"], "Could not override 'bogus'"),
+                        ([f"hydra.sweep.dir={a_file}"], "is a file, not a folder")):
+        result = run_cli(*GROUPS, *args, "--dry-run", timeout=120)
+        assert result.returncode == 2 and "Traceback" not in result.stderr and words in result.stderr, args
