@@ -14,6 +14,7 @@ says which and why (docs/reports.md).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--out is required with --wandb alone")
         first = args.paths[0]
         args.out = (first.parent if first.suffix == ".csv" else first) / "report"
+    blocking = next(path for path in (args.out, *args.out.absolute().parents) if os.path.lexists(path))
+    if not os.path.isdir(blocking):  # else a write into it fails, read as a disk error (exit 74)
+        where = "" if blocking == args.out else f" cannot be made: {str(blocking)!r}"
+        parser.error(f"--out {str(args.out)!r}{where} is a file, not a folder; give a folder (it is made if missing)")
     return args
 
 
@@ -68,7 +73,11 @@ def main(argv=None) -> int:
     if runs.empty:
         print(f"normlab-report: no runs found under {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
-    chosen = choose(runs, args.metric, reading, reading_path)
+    try:
+        chosen = choose(runs, args.metric, reading, reading_path)
+    except ReadingError as e:
+        print(f"normlab-report: {e}", file=sys.stderr)
+        return 2
     try:
         written = build_report(runs, args.out, sources=[str(p) for p in args.paths] +
                                ([f"wandb:{args.wandb}"] if args.wandb else []), reading=chosen)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pandas as pd
 
 from normlab.analysis.intervals import Estimate, binomial_floor, difference, estimate
+from normlab.analysis.metrics_info import norm_label
 from normlab.protocol import DEFAULT_GROUPS, FIXED_TOTAL, PAPER
 
 DEFAULT_METRIC = "val_error_median5"
@@ -19,6 +20,25 @@ DEFAULT_METRIC = "val_error_median5"
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs["status"] == "done") & runs["per_worker_batch"].notna()]
+
+
+def shared_seeds(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """(the setting, the run folders) of each table cell whose finished runs share a seed: copies from two sweeps or
+    experiments collected together, which the cell averages as one seed."""
+    keys = ["protocol", "epochs_planned", "norm", "groups", "group_size", "per_worker_batch", "seed"]
+    done = finished(runs)
+    found = []
+    for key, group in done.groupby(keys, dropna=False):
+        if len(group) > 1:
+            protocol, epochs, norm, groups, group_size, n, seed = (None if pd.isna(v) else v for v in key)
+            setting = ["norm unrecorded" if norm is None else norm_label(norm), f"N={n}",
+                       f"seed {'unrecorded' if seed is None else seed}", f"{protocol or PAPER} protocol"]
+            setting[0] += (f" G={groups}" if groups is not None else "") + (
+                f" with {group_size} channels per group" if group_size is not None else "")
+            setting += [f"{epochs} epochs"] * (epochs is not None)
+            folders = group["run_dir"] if "run_dir" in group else pd.Series(pd.NA, index=group.index)
+            found.append((", ".join(setting), [d if isinstance(d, str) else "a row with no run_dir" for d in folders]))
+    return found
 
 
 def main_setting(runs: pd.DataFrame) -> pd.DataFrame:

@@ -11,25 +11,46 @@ Beside the summary, each row says which data set the run read (``dataset``: the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.reading import evaluations_at_final_lr
-from normlab.protocol import PAPER, identity
-from normlab.records import CONFIG, METRICS, SUMMARY, RunDir, read_metrics, unreadable_reason
+from normlab.analysis.untrusted import (COUNT, INDEX, PERCENT, REAL, Range, finite_number, is_missing, is_name,
+                                        shown)
+from normlab.protocol import FIXED_TOTAL, PAPER, identity
+from normlab.records import CONFIG, METRICS, METRIC_KEYS, SUMMARY, RunDir, read_metrics, unreadable_reason
 
 IDENTITY = ["experiment", "dataset", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
             "total_batch", "protocol", "lr", "seed"]
 RESULTS = ["status", "val_error", "val_error_median5", "best_val_error", "epochs", "epochs_planned", "wall_time_s",
            "evals_at_final_lr"]
-NUMERIC = ["val_error", "val_error_median5", "best_val_error", "wall_time_s", "lr"]
 REQUIRED_CSV_COLUMNS = ("norm", "per_worker_batch", "status")
 UNREADABLE, INVALID = "unreadable", "invalid"
+STATUSES = ("done", "diverged", "failed", "preempted", "unfinished", UNREADABLE, INVALID)
+PROTOCOLS = (PAPER, FIXED_TOTAL)
 RUNS_CSV = "runs.csv"
+# What a known column's values must be, else the run is invalid: whole-number columns become nullable integers.
+NUMBERS = {"val_error": PERCENT, "val_error_median5": PERCENT, "best_val_error": PERCENT, "wall_time_s": Range(0),
+           "lr": REAL, "groups": COUNT, "group_size": COUNT, "per_worker_batch": COUNT, "workers": COUNT,
+           "total_batch": COUNT, "seed": INDEX, "epochs": INDEX, "epochs_planned": COUNT, "evals_at_final_lr": INDEX}
+# the same for columns only some runs have: every error a table can show, the sizes intervals and budgets read
+SOME_NUMBERS = {**{metric: PERCENT for metric in RUN_METRICS}, "test_size": COUNT, "train_size": COUNT,
+                "steps_per_epoch": COUNT}
+TEXTS = {"norm": (is_name, "a norm's name (letters, digits, '_' and '-', at most 64)"),
+         "protocol": (PROTOCOLS.__contains__, f"one of {', '.join(PROTOCOLS)}"),
+         "status": (STATUSES.__contains__, f"one of {', '.join(STATUSES)}"),
+         "batch_dependent": (lambda v: isinstance(v, (bool, np.bool_)), "true or false")}
+# the config values protocol.identity computes with: numbers, and batch sizes small enough to list divisors of
+BATCH = Range(1, 2 ** 20, whole=True)
+CONFIG_NUMBERS = {("batch", "per_worker"): BATCH, ("batch", "workers"): BATCH, ("batch", "total"): BATCH,
+                  ("optim", "base_batch"): BATCH, ("optim", "base_lr"): REAL, ("optim", "lr"): REAL}
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -46,16 +67,31 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 def _read_config(run: RunDir) -> dict[str, Any] | None:
     try:
         return yaml.safe_load(run.config.read_text())
-    except (OSError, yaml.YAMLError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # ValueError: undecodable, a 5000-digit int
         return None
+
+
+def config_problem(config: Any) -> str | None:
+    """Why protocol.identity cannot read this config safely (None: it can): a batch size or lr that is not a
+    number, or so large that its divisors would take long to list."""
+    if not isinstance(config, dict):
+        return f"not a mapping ({type(config).__name__})"
+    for (node, key), valid in CONFIG_NUMBERS.items():
+        value = config[node].get(key) if isinstance(config.get(node), dict) else None
+        if value is not None and finite_number(value, valid) is None:
+            return f"{node}.{key}={shown(value)} is not {valid}"
+    return None
 
 
 def dataset_choice(path: Path) -> str | None:
     """The data config Hydra composed for the run (``cifar10_jpeg``), from its ``.hydra/hydra.yaml``; None without."""
+    hydra_yaml = path / ".hydra" / "hydra.yaml"
+    if unreadable_reason(hydra_yaml) is not None:
+        return None
     try:
-        hydra = yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text())
+        hydra = yaml.safe_load(hydra_yaml.read_text())
         choice = hydra["hydra"]["runtime"]["choices"]["data"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, ValueError, RecursionError, yaml.YAMLError, KeyError, TypeError):
         return None
     return choice if isinstance(choice, str) else None
 
@@ -74,56 +110,79 @@ def flat(summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_record(path: Path) -> dict[str, Any]:
     """One row: the summary if the run finished, else what its config and metrics say so far. A record that
-    cannot be read, or metrics that repeat an epoch (two writers), make the row unreadable or invalid, with why."""
+    cannot be read (the summary; the config of a run without one), or metrics that repeat an epoch (two writers),
+    make the row unreadable or invalid, with why. Metrics values that are not numbers count as missing."""
     run = RunDir(path)
     rows = read_metrics(run.metrics)
-    epochs = [r.get("epoch") for r in rows]
-    repeated = sorted({e for e in epochs if epochs.count(e) > 1}, key=str)
+    epochs = [finite_number(r.get("epoch"), INDEX) for r in rows]  # an epoch that is not one is no repeat
+    repeated = sorted({int(e) for e in epochs if e is not None and epochs.count(e) > 1})
     problem = unreadable_reason(run.summary)
     if problem is not None:
         return {"run_dir": str(path), "status": UNREADABLE, "problem": f"{SUMMARY}: {problem}"}
     summary = run.read_summary()
     found = {"dataset": dataset_choice(path), "evals_at_final_lr": evaluations_at_final_lr(rows)}
-    if summary is not None:
-        record = {"run_dir": str(path), **flat(summary), **{k: v for k, v in found.items() if summary.get(k) is None}}
+    if summary is not None:  # the folder read is the run's folder, whatever the summary says
+        record = {**flat(summary), **{k: v for k, v in found.items() if summary.get(k) is None}, "run_dir": str(path)}
         if repeated:
             record.update(status=INVALID, problem=f"{METRICS} repeats epoch(s) {', '.join(map(str, repeated))}")
         return record
-    config = _read_config(run)
     record: dict[str, Any] = {"run_dir": str(path), "status": "unfinished", "epochs": len(rows),
                               "dataset": found["dataset"]}
-    if config is not None:
+    problem = unreadable_reason(run.config)
+    config = _read_config(run) if problem is None else None
+    problem = problem or (None if config is None else config_problem(config))
+    if problem is None and config is not None:
         try:
             record.update(identity(config))
-        except (KeyError, TypeError, ValueError) as e:
-            record.update(status=UNREADABLE, problem=f"{CONFIG}: {type(e).__name__}: {e}")
-    evaluated = [r["val_error"] for r in rows if r.get("val_error") is not None]
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+            problem = f"{type(e).__name__}: {e}"
+    if problem is not None:
+        record.update(status=UNREADABLE, problem=f"{CONFIG}: {problem}")
+    evaluated = [e for r in rows if (e := finite_number(r.get("val_error"), PERCENT)) is not None]
     if evaluated:
         record["val_error"] = evaluated[-1]
     return record
 
 
+def _as_number(value: Any) -> Any:
+    """A number written as text ("12.5": a runs.csv column with one bad cell is read as text) as the number."""
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
 def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Known columns first, in a fixed order; integer columns as nullable integers. A value that is not a number
-    where one belongs makes its run invalid, and a done run without a finite val_error too, saying why: every
-    table and tally then leaves it out alike."""
+    """Known columns first, in a fixed order; whole-number columns as nullable integers. A value that is not what
+    its column holds (NUMBERS, TEXTS: text for a number, a bool, a fraction of a worker, an error of 250%, a norm
+    that is no name) makes its run invalid, and a done run without a finite val_error too, saying why: every
+    table and tally then leaves it out alike, and the value is dropped, so no later step sees it."""
     for column in IDENTITY + RESULTS + ["problem"]:
         if column not in frame:
             frame[column] = pd.NA
-    frame["problem"] = frame["problem"].astype("object")
-    for column in NUMERIC + ["groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
-                             "epochs_planned", "evals_at_final_lr"]:
-        number = pd.to_numeric(frame[column], errors="coerce")
-        bad = number.isna() & frame[column].notna()
-        frame.loc[bad, "problem"] = [f"{column}={v!r} is not a number" for v in frame.loc[bad, column]]
-        frame.loc[bad, "status"] = INVALID
-        frame[column] = number.where(~number.isin([float("inf"), float("-inf")]))
+    found: list[list[str]] = [[] for _ in range(len(frame))]  # each run's problems, in column order
+    numbers = {**NUMBERS, **{column: valid for column, valid in SOME_NUMBERS.items() if column in frame}}
+    for column, valid in numbers.items():
+        kept = []
+        for problems, value in zip(found, frame[column].tolist()):
+            number = finite_number(_as_number(value), valid)
+            if number is None and not is_missing(value):
+                problems.append(f"{column}={shown(value)} is not {valid}")
+            kept.append(math.nan if number is None else number)
+        frame[column] = pd.Series(kept, index=frame.index, dtype=float).astype("Int64" if valid.whole else float)
+    for column, (fits, what) in TEXTS.items():
+        if column in frame:
+            fit = [is_missing(value) or fits(value) for value in frame[column].tolist()]
+            for problems, value, ok in zip(found, frame[column].tolist(), fit):
+                problems.extend([] if ok else [f"{column}={shown(value)} is not {what}"])
+            frame[column] = frame[column].where(pd.Series(fit, index=frame.index, dtype=bool), None)
+    earlier = [None if is_missing(p) else str(p) for p in frame["problem"].tolist()]
+    frame["problem"] = pd.Series(["; ".join(filter(None, [p, *new])) or None for p, new in zip(earlier, found)],
+                                 index=frame.index, dtype="object")
+    frame.loc[pd.Series([bool(p) for p in found], index=frame.index, dtype=bool), "status"] = INVALID
     no_result = (frame["status"] == "done") & frame["val_error"].isna()
     frame.loc[no_result, "problem"] = "done, but no finite val_error"
     frame.loc[no_result, "status"] = INVALID
-    for column in ("groups", "group_size", "per_worker_batch", "workers", "total_batch", "seed", "epochs",
-                   "epochs_planned", "evals_at_final_lr"):
-        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
     # runs recorded before batch.total existed all followed the paper's protocol
     frame["protocol"] = frame["protocol"].astype("string").mask(frame["per_worker_batch"].notna()
                                                                 & frame["protocol"].isna(), PAPER)
@@ -160,14 +219,24 @@ def read_runs_csv(path: Path) -> tuple[pd.DataFrame | None, str | None]:
     return frame, None
 
 
+def curve_row(row: dict[str, Any]) -> dict[str, float | None] | None:
+    """A metrics row as the curves read it: each of METRIC_KEYS a finite number (an error in [0, 100], an epoch
+    a whole number) or missing; None without an epoch."""
+    ranges = {"epoch": INDEX, "train_error": PERCENT, "val_error": PERCENT}
+    curve = {key: finite_number(row.get(key), ranges.get(key, REAL)) for key in METRIC_KEYS}
+    return curve if curve["epoch"] is not None else None
+
+
 def collect_curves(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per-epoch metrics of every run that has a run directory, with its identity columns."""
+    """Per-epoch metrics (METRIC_KEYS, ``curve_row``) of every run that has a run directory, with its identity
+    columns."""
     frames = []
     for _, run in runs.iterrows():
         run_dir = run.get("run_dir")
         rows = read_metrics(Path(run_dir) / METRICS) if isinstance(run_dir, str) else []
+        rows = [curve for row in rows if (curve := curve_row(row)) is not None]
         if rows:
-            frame = pd.DataFrame.from_records(rows)
+            frame = pd.DataFrame.from_records(rows, columns=list(METRIC_KEYS)).astype(float)
             for column in IDENTITY + ["status", "run_dir"]:
                 frame[column] = run.get(column)
             frames.append(frame)
@@ -182,6 +251,6 @@ def write_runs(runs: pd.DataFrame, out: Path) -> list[Path]:
     try:
         runs.to_parquet(out / "runs.parquet", index=False)
         written.append(out / "runs.parquet")
-    except (ImportError, ValueError):
+    except (ImportError, ValueError, TypeError, NotImplementedError):  # pyarrow's errors on a column of mixed values
         pass
     return written

@@ -19,6 +19,7 @@ from normlab.analysis.intervals import estimate  # noqa: E402
 from normlab.analysis.metrics_info import (METRICS, norm_color, norm_label, norm_marker,  # noqa: E402
                                            norm_sort_key, protocol_label)
 from normlab.analysis.reference import paper_table  # noqa: E402
+from normlab.analysis.untrusted import file_token  # noqa: E402
 
 STYLE = {"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
          "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
@@ -192,4 +193,4 @@ def fig_curves(curves: pd.DataFrame, norm: str, out: Path, name: str | None = No
         ax.set_ylabel("error (%)")
         ax.set_title(f"{norm_label(norm)}: train (dashed) and val (solid) error")
         ax.legend(frameon=False, title="images per worker", ncols=2)
-        return save(fig, out / (name or f"fig_curves_{norm}"))
+        return save(fig, out / (name or f"fig_curves_{file_token(norm)}"))

@@ -17,6 +17,7 @@ import pandas as pd
 import yaml
 
 from normlab.analysis.metrics_info import METRICS, RUN_METRICS
+from normlab.analysis.untrusted import PERCENT, finite_number
 
 READING = "reading.yaml"
 KEYS = {"metric": "one of " + ", ".join(RUN_METRICS), "why": "a sentence: why this metric",
@@ -81,15 +82,17 @@ def find_reading(paths: Iterable[Path]) -> tuple[dict[str, str], Path | None]:
 
 def evaluations_at_final_lr(rows: list[dict]) -> int | None:
     """How many evaluations were made at the run's final learning rate (the lr an epoch started with); None if the
-    rows do not record the lr. A schedule that decays every epoch (cosine) gives 1."""
-    if not rows or any(r.get("lr") is None for r in rows):
+    rows do not record the lr (a value that is not a finite number is not a record). A schedule that decays every
+    epoch (cosine) gives 1."""
+    lrs = [finite_number(r.get("lr")) for r in rows]
+    if not rows or None in lrs:
         return None
-    final = float(rows[-1]["lr"])
+    final = lrs[-1]
     count = 0
-    for row in reversed(rows):
-        if abs(float(row["lr"]) - final) > 1e-9 * max(abs(final), 1e-12):
+    for row, lr in zip(reversed(rows), reversed(lrs)):
+        if abs(lr - final) > 1e-9 * max(abs(final), 1e-12):
             break
-        count += row.get("val_error") is not None
+        count += finite_number(row.get("val_error"), PERCENT) is not None
     return count
 
 
@@ -111,7 +114,8 @@ def _median_caveat(runs: pd.DataFrame) -> tuple[str | None, bool]:
 
 
 def choose(runs: pd.DataFrame, flag: str | None, reading: dict[str, str], source: Path | None) -> Reading:
-    """The metric the report uses, who chose it, why, and what to beware of."""
+    """The metric the report uses, who chose it, why, and what to beware of. A metric asked for (--metric, a
+    reading file) that no run records is refused (ReadingError): its tables would be empty."""
     caveat, unfit = _median_caveat(runs)
     dataset = reading.get("dataset")
     if flag is not None:
@@ -127,6 +131,10 @@ def choose(runs: pd.DataFrame, flag: str | None, reading: dict[str, str], source
         metric, chosen_by = MEDIAN5, "the default"
         why = (f"the paper's metric; every run has at least {MEDIAN_NEEDS} evaluations at its final learning rate"
                if caveat is None else "the paper's metric")
+    if metric not in runs:
+        asked = f"--metric {flag}" if flag is not None else f"{source or READING}: metric={metric!r}"
+        raise ReadingError(f"{asked}: no run records this metric; the runs record "
+                           f"{', '.join(m for m in RUN_METRICS if m in runs)}")
     if not metric.endswith("_median5"):
         caveat = None
     return Reading(metric, why, chosen_by, caveat, dataset)

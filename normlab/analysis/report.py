@@ -8,12 +8,13 @@ runs hold a group ablation.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
 
 from normlab.analysis import bn_eval, figures, regime, tables
-from normlab.analysis.cells import Cells
+from normlab.analysis.cells import Cells, shared_seeds
 from normlab.analysis.claims import findings, findings_markdown, sanity, sanity_markdown
 from normlab.analysis.collect import collect_curves, write_runs
 from normlab.analysis.html_page import to_html
@@ -21,6 +22,9 @@ from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, pr
 from normlab.analysis.provenance import provenance_markdown
 from normlab.analysis.reading import Reading, choose, reading_markdown
 from normlab.analysis.reference import paper_table
+from normlab.analysis.untrusted import file_token
+
+log = logging.getLogger("normlab.report")
 
 
 def paper_markdown() -> str:
@@ -46,9 +50,28 @@ def status_markdown(runs: pd.DataFrame) -> str:
     for r in others.itertuples():
         run_dir = getattr(r, "run_dir", None)
         name = Path(run_dir).name if isinstance(run_dir, str) else "–"
-        why = "" if pd.isna(r.problem) else str(r.problem).replace("|", "/")
-        rows.append(f"| {name} | {r.norm} | {r.per_worker_batch} | {r.seed} | {r.status} | {r.epochs} | {why} |")
+        why = "" if pd.isna(r.problem) else r.problem
+        cells = (name, r.norm, r.per_worker_batch, r.seed, r.status, r.epochs, why)
+        rows.append("| " + " | ".join(map(one_line, cells)) + " |")
     return f"{len(runs)} runs: {line}. Not finished, or not done:\n\n" + "\n".join(rows) + "\n"
+
+
+def one_line(value) -> str:
+    """Text read from disk (a folder's name, a problem) as one table cell or line of the report: no '|' or line
+    break of its own to end the cell or start a heading."""
+    return " ".join(str(value).replace("|", "/").split())
+
+
+def shared_seeds_markdown(runs: pd.DataFrame) -> str:
+    """A note per table cell whose finished runs share a seed (copies from another sweep, say), also logged: the
+    cell averages them as one seed, so its seed count and interval overstate what they show."""
+    notes = []
+    for setting, run_dirs in shared_seeds(runs):
+        log.warning("%d finished runs share a cell and a seed (%s), averaged as one seed: %s", len(run_dirs),
+                    setting, ", ".join(run_dirs))
+        notes.append(f"**Beware**: {len(run_dirs)} finished runs share a cell and a seed ({one_line(setting)}): the "
+                     f"cell averages them as one seed. Runs: {one_line(', '.join(run_dirs))}.\n")
+    return "\n".join(notes)
 
 
 def _budgets_apart(runs: pd.DataFrame) -> list[int | None]:
@@ -73,7 +96,8 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
         written["tables"].append(out / name)
 
     note = "named by the study's reading file, for runs that predate the dataset column" if reading.dataset else None
-    sections = [("How these runs are read", reading_markdown(reading)),
+    shared = shared_seeds_markdown(runs)
+    sections = [("How these runs are read", reading_markdown(reading) + ("\n" + shared if shared else "")),
                 ("Provenance", provenance_markdown(runs, note))]
     curve_sections = []
     found = tables.protocols(runs) or ["paper"]
@@ -82,7 +106,7 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
     for protocol, epochs in cells:
         subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
         subset = subset if epochs is None else subset[subset["epochs_planned"] == epochs]
-        suffix = "" if len(cells) == 1 else f"_{protocol}" + ("" if epochs is None else f"_{epochs}ep")
+        suffix = "" if len(cells) == 1 else f"_{file_token(protocol)}" + ("" if epochs is None else f"_{epochs}ep")
         heading = f" ({protocol_label(protocol)}" + ("" if epochs is None else f"; {epochs} epochs") + ")"
         setting = heading.strip(" ()")
         t2 = tables.batch_size_table(subset, metric)
@@ -117,18 +141,19 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
                              table_md + f"\n![fig_bn_eval{suffix}](fig_bn_eval{suffix}.png)\n"))
         curves = collect_curves(tables.main_setting(subset))  # one curve per batch size: no ablation blended in
         curve_norms = sorted(curves["norm"].dropna().unique(), key=norm_sort_key) if not curves.empty else []
-        for norm in curve_norms:
-            written["figures"] += figures.fig_curves(curves, norm, out, f"fig_curves_{norm}{suffix}")
+        names = {norm: f"fig_curves_{file_token(norm)}{suffix}" for norm in curve_norms}
+        for norm, name in names.items():
+            written["figures"] += figures.fig_curves(curves, norm, out, name)
         curve_sections += [(f"Training curves{heading}", "\n".join(
-            f"![fig_curves_{n}{suffix}](fig_curves_{n}{suffix}.png)" for n in curve_norms) + "\n")] * bool(curve_norms)
+            f"![{name}]({name}.png)" for name in names.values()) + "\n")] * bool(curve_norms)
     for protocol in found:
         subset = tables.of_protocol(runs, protocol) if len(found) > 1 else runs
         seeds = regime.per_seed(subset, metric) if len(regime.budgets(subset)) > 1 else pd.DataFrame()
         summary = regime.budget_summary(seeds) if not seeds.empty else pd.DataFrame()
         if len(summary) > 1:
-            name = "fig_budget" if len(found) == 1 else f"fig_budget_{protocol}"
+            name = "fig_budget" if len(found) == 1 else f"fig_budget_{file_token(protocol)}"
             table_md = regime.regime_markdown(summary, seeds, METRICS[metric].label)
-            table_file(f"table_budget_{protocol}.md", table_md)
+            table_file(f"table_budget_{file_token(protocol)}.md", table_md)
             written["figures"] += regime.fig_regime(seeds, summary, regime.reproductions(), out, name)
             sections.append((f"Where the claim holds: the crossing vs the training budget ({protocol_label(protocol)})",
                              table_md + f"\n![{name}]({name}.png)\n"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from normlab.analysis.collect import tidy
+from normlab.analysis.collect import config_problem, tidy
 from normlab.protocol import identity
 
 WANDB_STATES = {"finished": "unfinished", "running": "unfinished", "crashed": "failed", "failed": "failed",
@@ -30,12 +30,13 @@ def wandb_record(run: Any) -> dict[str, Any]:
               for k, v in config.items()}
     record: dict[str, Any] = {"run_dir": "wandb:" + "/".join(run.path)}
     if "status" in summary:
-        return {**record, **summary}
+        return {**summary, **record}  # the run's own W&B path, whatever its summary says
     record["status"] = WANDB_STATES.get(getattr(run, "state", ""), "unfinished")
-    try:
-        record.update(identity(config))
-    except (KeyError, TypeError):
-        pass
+    if config_problem(config) is None:  # else the run stays listed without its identity, as before
+        try:
+            record.update(identity(config))
+        except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError):
+            pass
     return record
 
 
