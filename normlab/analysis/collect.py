@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.reading import evaluations_at_final_lr
 from normlab.analysis.untrusted import (COUNT, INDEX, PERCENT, REAL, Range, finite_number, is_missing, is_name,
                                         shown)
 from normlab.protocol import FIXED_TOTAL, PAPER, identity
-from normlab.records import CONFIG, METRICS, METRIC_KEYS, SUMMARY, RunDir, read_metrics, unreadable_reason
+from normlab.records import (CONFIG, METRIC_KEYS, METRICS, READ_ERRORS, SUMMARY, RunDir, read_metrics, read_yaml,
+                             unreadable_reason)
 
 IDENTITY = ["experiment", "dataset", "data", "model", "norm", "groups", "group_size", "per_worker_batch", "workers",
             "total_batch", "protocol", "lr", "seed"]
@@ -66,8 +66,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 def _read_config(run: RunDir) -> dict[str, Any] | None:
     try:
-        return yaml.safe_load(run.config.read_text())
-    except (OSError, ValueError, RecursionError, yaml.YAMLError):  # ValueError: undecodable, a 5000-digit int
+        return read_yaml(run.config)
+    except READ_ERRORS:
         return None
 
 
@@ -89,9 +89,9 @@ def dataset_choice(path: Path) -> str | None:
     if unreadable_reason(hydra_yaml) is not None:
         return None
     try:
-        hydra = yaml.safe_load(hydra_yaml.read_text())
+        hydra = read_yaml(hydra_yaml)
         choice = hydra["hydra"]["runtime"]["choices"]["data"]
-    except (OSError, ValueError, RecursionError, yaml.YAMLError, KeyError, TypeError):
+    except (*READ_ERRORS, KeyError, TypeError):
         return None
     return choice if isinstance(choice, str) else None
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from normlab.analysis.metrics_info import METRICS, RUN_METRICS
 from normlab.analysis.untrusted import PERCENT, finite_number
+from normlab.records import READ_ERRORS, read_yaml
 
 READING = "reading.yaml"
 KEYS = {"metric": "one of " + ", ".join(RUN_METRICS), "why": "a sentence: why this metric",
@@ -42,8 +42,8 @@ class Reading:
 def load_reading(path: Path) -> dict[str, str]:
     """The reading file's keys, checked: a mapping of known keys to strings, the metric one the report knows."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        data = read_yaml(path)
+    except READ_ERRORS as e:
         raise ReadingError(f"{path}: cannot be read ({type(e).__name__})") from None
     if not isinstance(data, dict):
         raise ReadingError(f"{path}: expected a mapping of {', '.join(KEYS)}, got {type(data).__name__}")
