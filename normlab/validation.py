@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,46 +37,74 @@ def _check(condition: bool, key: str, value: Any, valid: str) -> None:
 
 INF = float("inf")
 MAX_THREADS = 1024  # more intra-op threads than any machine has cores: each costs a stack, and a process can run out
-# key: (low, high, what is valid); a value must be a finite number with low <= value <= high ("(" excludes low)
-RANGES: dict[str, tuple[str, float, float, str]] = {
-    "seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
-    "model.width": ("[", 1, INF, "an integer >= 1, or null for 16"),
-    "data.num_classes": ("[", 1, INF, ">= 1, or null"),
-    "data.class_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
-    "data.num_train": ("[", 1, INF, ">= 1"),
-    "data.num_test": ("[", 1, INF, ">= 1"),
-    "data.channels": ("[", 1, INF, ">= 1"),
-    "data.size": ("[", 1, INF, ">= 1"),
-    "data.image_size": ("[", 1, INF, ">= 1, or null"),
-    "data.in_memory_max_gb": ("[", 0, INF, ">= 0 (0 streams every image folder)"),
-    "data.loader_workers": ("[", 0, INF, ">= 0"),
-    "data.train_subset": ("[", 1, INF, ">= 1, or null for the whole training set"),
-    "data.test_subset": ("[", 1, INF, ">= 1, or null for the whole test set"),
-    "data.subset_seed": ("[", 0, 2**32 - 1, "an integer in [0, 2^32)"),
-    "optim.base_batch": ("[", 1, INF, ">= 1"),
-    "trainer.threads": ("[", 1, MAX_THREADS, f"in [1, {MAX_THREADS}], or null for torch's default"),
-    "optim.momentum": ("[", 0, 0.999999, "in [0, 1)"),
-    "optim.weight_decay": ("[", 0, INF, ">= 0"),
-    "schedule.gamma": ("(", 0, 1, "in (0, 1]: the factor at each milestone"),
-    "schedule.min_lr_factor": ("[", 0, 1, "in [0, 1]: the final lr as a fraction of the peak"),
-    "schedule.warmup_start_factor": ("(", 0, 1, "in (0, 1]"),
-    "norm.momentum": ("[", 0, 1, "in [0, 1], or null for a cumulative average"),
-    "eval.precise_images": ("[", 1, INF, ">= 1"),
-    "norm.r_max": ("[", 1, INF, ">= 1"),
-    "norm.d_max": ("[", 0, INF, ">= 0"),
-    "norm.warmup_steps": ("[", 0, INF, ">= 0"),
-    "norm.ramp_steps": ("[", 0, INF, ">= 0"),
+WORD = 2**32 - 1  # the largest seed torch and numpy take
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a key may hold (finite, ``low`` to ``high``, each end open or closed), and the refusal's text."""
+
+    low: float
+    high: float
+    valid: str
+    open_low: bool = False
+    open_high: bool = False
+
+    def admits(self, value: Any) -> bool:
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+
+# Every key whose valid values are one interval; null (where the schema allows it) means the default and passes.
+RANGES: dict[str, Bounds] = {
+    "seed": Bounds(0, WORD, "must be an integer in [0, 2^32)"),
+    "batch.per_worker": Bounds(1, INF, "need at least 1 image per worker"),
+    "batch.workers": Bounds(1, INF, "need at least 1 worker"),
+    "batch.total": Bounds(1, INF, "must be >= 1, or null for the paper's protocol (W = batch.workers)"),
+    "model.width": Bounds(1, INF, "must be an integer >= 1, or null for 16"),
+    "data.num_classes": Bounds(1, INF, "must be >= 1, or null"),
+    "data.class_seed": Bounds(0, WORD, "must be an integer in [0, 2^32)"),
+    "data.num_train": Bounds(1, INF, "must be >= 1"),
+    "data.num_test": Bounds(1, INF, "must be >= 1"),
+    "data.channels": Bounds(1, INF, "must be >= 1"),
+    "data.size": Bounds(1, INF, "must be >= 1"),
+    "data.image_size": Bounds(1, INF, "must be >= 1, or null"),
+    "data.in_memory_max_gb": Bounds(0, INF, "must be >= 0 (0 streams every image folder)"),
+    "data.loader_workers": Bounds(0, INF, "must be >= 0"),
+    "data.train_subset": Bounds(1, INF, "must be >= 1, or null for the whole training set"),
+    "data.test_subset": Bounds(1, INF, "must be >= 1, or null for the whole test set"),
+    "data.subset_seed": Bounds(0, WORD, "must be an integer in [0, 2^32)"),
+    "data.eval_batch": Bounds(1, INF, "must be >= 1"),
+    "data.crop_padding": Bounds(0, INF, "must be >= 0, or null for size/8"),
+    "optim.base_lr": Bounds(0, INF, "must be > 0", open_low=True),
+    "optim.lr": Bounds(0, INF, "must be > 0, or null for the linear scaling rule", open_low=True),
+    "optim.base_batch": Bounds(1, INF, "must be >= 1"),
+    "optim.momentum": Bounds(0, 1, "must be in [0, 1)", open_high=True),
+    "optim.weight_decay": Bounds(0, INF, "must be >= 0"),
+    "optim.label_smoothing": Bounds(0, 1, "must be in [0, 1)", open_high=True),
+    "trainer.epochs": Bounds(1, INF, "need at least 1 epoch"),
+    "trainer.eval_every": Bounds(1, INF, "must be >= 1"),
+    "trainer.threads": Bounds(1, MAX_THREADS, f"must be in [1, {MAX_THREADS}], or null for torch's default"),
+    "schedule.gamma": Bounds(0, 1, "must be in (0, 1]: the factor at each milestone", open_low=True),
+    "schedule.min_lr_factor": Bounds(0, 1, "must be in [0, 1]: the final lr as a fraction of the peak"),
+    "schedule.warmup_start_factor": Bounds(0, 1, "must be in (0, 1]", open_low=True),
+    "norm.momentum": Bounds(0, 1, "must be in [0, 1], or null for a cumulative average"),
+    "eval.precise_images": Bounds(1, INF, "must be >= 1"),
+    "norm.r_max": Bounds(1, INF, "must be >= 1"),
+    "norm.d_max": Bounds(0, INF, "must be >= 0"),
+    "norm.warmup_steps": Bounds(0, INF, "must be >= 0"),
+    "norm.ramp_steps": Bounds(0, INF, "must be >= 0"),
 }
 
 
 def _check_ranges(cfg: DictConfig) -> None:
-    for key, (bracket, low, high, valid) in RANGES.items():
+    for key, bounds in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is None or isinstance(value, bool):
-            continue
-        above = value > low if bracket == "(" else value >= low
-        _check(isinstance(value, (int, float)) and math.isfinite(value) and above and value <= high, key, value,
-               f"must be {valid}")
+        if value is not None and not isinstance(value, bool):
+            _check(bounds.admits(value), key, value, bounds.valid)
 
 
 def _check_known_keys(cfg: DictConfig) -> None:
@@ -103,33 +132,18 @@ def validate(cfg: DictConfig) -> DataSpec:
 
     _check_known_keys(cfg)
     _check_ranges(cfg)
-    _check(cfg.batch.per_worker >= 1, "batch.per_worker", cfg.batch.per_worker, "need at least 1 image per worker")
-    _check(cfg.batch.workers is None or cfg.batch.workers >= 1, "batch.workers", cfg.batch.workers,
-           "need at least 1 worker")
-    _check(cfg.batch.total is None or cfg.batch.total >= 1, "batch.total", cfg.batch.total,
-           "must be >= 1, or null for the paper's protocol (W = batch.workers)")
     try:
         plan = effective(cfg)
     except ProtocolError as e:
         raise ConfigError(str(e)) from None
-    _check(cfg.trainer.epochs >= 1, "trainer.epochs", cfg.trainer.epochs, "need at least 1 epoch")
-    _check(cfg.trainer.eval_every >= 1, "trainer.eval_every", cfg.trainer.eval_every, "must be >= 1")
     _check(switch(cfg.trainer.channels_last) in SWITCH, "trainer.channels_last",
            cfg.trainer.channels_last, "valid: auto, true, false")
     _check(all(0 < m < 1 for m in cfg.schedule.milestones), "schedule.milestones", list(cfg.schedule.milestones),
            "milestones are fractions of training, each between 0 and 1")
     _check(0 <= cfg.schedule.warmup_epochs <= cfg.trainer.epochs, "schedule.warmup_epochs", cfg.schedule.warmup_epochs,
            f"must be in [0, trainer.epochs={cfg.trainer.epochs}]")
-    _check(0 < cfg.optim.base_lr < INF, "optim.base_lr", cfg.optim.base_lr, "must be > 0")
-    _check(cfg.optim.lr is None or 0 < cfg.optim.lr < INF, "optim.lr", cfg.optim.lr,
-           "must be > 0, or null for the linear scaling rule")
-    _check(cfg.data.eval_batch >= 1, "data.eval_batch", cfg.data.eval_batch, "must be >= 1")
-    _check(cfg.data.crop_padding is None or cfg.data.crop_padding >= 0, "data.crop_padding", cfg.data.crop_padding,
-           "must be >= 0, or null for size/8")
     _check(switch(cfg.trainer.progress) in SWITCH, "trainer.progress",
            cfg.trainer.progress, "valid: auto, true, false")
-    _check(0 <= cfg.optim.label_smoothing < 1, "optim.label_smoothing", cfg.optim.label_smoothing,
-           "must be in [0, 1)")
     if cfg.eval.bn_stats != BnStats.ema or cfg.eval.compare_bn_stats:
         spec = REGISTRY[cfg.norm.name]
         key, value = (("eval.bn_stats", str(cfg.eval.bn_stats)) if cfg.eval.bn_stats != BnStats.ema
@@ -145,7 +159,7 @@ def validate(cfg: DictConfig) -> DataSpec:
     _check(graph in SWITCH, "trainer.cuda_graph", cfg.trainer.cuda_graph, "valid: auto, true, false")
     if graph == "true":
         _check(not cfg.trainer.compile, "trainer.cuda_graph", True, "use trainer.cuda_graph or trainer.compile, not both")
-        _check(not host_synced_norm(cfg), "trainer.cuda_graph", True,
+        _check(not host_synced_norm(cfg, plan.workers), "trainer.cuda_graph", True,
                f"norm={cfg.norm.name} with norm.momentum=null (and one worker, for bn) is torch's BatchNorm, "
                "whose cumulative average reads the step count on the host, which a CUDA graph cannot capture; give "
                "norm.momentum a value, or use trainer.cuda_graph=auto (off for this norm)")
@@ -164,17 +178,16 @@ def validate(cfg: DictConfig) -> DataSpec:
     return data
 
 
-def host_synced_norm(cfg: DictConfig) -> bool:
+def host_synced_norm(cfg: DictConfig, workers: int) -> bool:
     """A norm whose training step reads a value on the host: it cannot run inside a CUDA graph."""
-    one_batch_bn = (cfg.norm.name == "bn" and effective(cfg).workers == 1) or cfg.norm.name == "syncbn"
+    one_batch_bn = (cfg.norm.name == "bn" and workers == 1) or cfg.norm.name == "syncbn"
     return one_batch_bn and cfg.norm.get("momentum", 0.1) is None and cfg.norm.get("track_running_stats", True)
 
 
-def check_world(cfg: DictConfig, world: dist.World) -> None:
-    """What a job on several processes needs of its config; ConfigError naming both sides."""
+def check_world(cfg: DictConfig, plan: BatchPlan, world: dist.World) -> None:
+    """What a job on several processes needs of its config (and its batch plan); ConfigError naming both sides."""
     if world.size == 1:
         return
-    plan = effective(cfg)
     if plan.workers % world.size:
         key = "batch.total" if cfg.batch.total is not None else "batch.workers"
         raise ConfigError(f"{key}: W={plan.workers} workers cannot be split among the job's {world.size} processes "
@@ -196,7 +209,7 @@ def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(
     `dataset`: the data config's name, which only Hydra knows (``cifar10_jpeg``; its ``data.name`` is the source
     kind, ``imagefolder``)."""
     plan = effective(cfg)
-    check_world(cfg, world)
+    check_world(cfg, plan, world)
     trainer = cfg.trainer
     threads = trainer.threads if trainer.threads is not None else threads
     device_setting = device if device is not None and trainer.device == "auto" else trainer.device
@@ -205,7 +218,7 @@ def resolve_run(cfg: DictConfig, data: DataSpec, world: dist.World = dist.World(
         device=resolved_device, precision=resolve_precision(trainer.precision, resolved_device), threads=threads,
         channels_last=switch(trainer.channels_last), compile=bool(trainer.compile),
         cuda_graph=resolve_cuda_graph(trainer.cuda_graph, resolved_device, trainer.compile,
-                                      host_synced_norm(cfg), world.size),
+                                      host_synced_norm(cfg, plan.workers), world.size),
         deterministic=trainer.deterministic, world=world)
     recorded = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     recorded["trainer"].update(threads=threads, device=device_setting)  # config.yaml: what the job ran with

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from normlab.errors import ConfigError
-from normlab.validation import host_synced_norm, validate
+from normlab.validation import INF, host_synced_norm, validate
 from normlab.protocol import effective, identity
 from normlab.models import MODELS
 from normlab.norms import NORMS
@@ -215,14 +216,17 @@ def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(ti
     with pytest.raises(ConfigError, match=r"trainer.cuda_graph=True is invalid: norm=bn with norm.momentum=null"):
         validate(tiny("norm=bn", "norm.momentum=null", "batch.workers=1", "trainer.cuda_graph=true"))
     cuda = torch.device("cuda")
-    assert host_synced_norm(cumulative) and not resolve_cuda_graph("auto", cuda, False, host_synced_norm(cumulative))
+    assert host_synced_norm(cumulative, 1) and not resolve_cuda_graph("auto", cuda, False, host_synced_norm(cumulative, 1))
     per_worker = tiny("norm=bn", "norm.momentum=null", "batch.workers=2")  # per-worker BN keeps the count on device
-    assert not host_synced_norm(per_worker) and resolve_cuda_graph("auto", cuda, False, host_synced_norm(per_worker))
+    assert not host_synced_norm(per_worker, 2) and resolve_cuda_graph("auto", cuda, False, host_synced_norm(per_worker, 2))
 
 
 @pytest.mark.parametrize("override, message", [
     ("optim.weight_decay=-1e-4", r"optim\.weight_decay=-0\.0001 is invalid: must be >= 0"),
     ("optim.momentum=1.5", r"optim\.momentum=1\.5 is invalid: must be in \[0, 1\)"),
+    ("optim.momentum=1", r"optim\.momentum=1\.0 is invalid: must be in \[0, 1\)"),  # the open end
+    ("optim.label_smoothing=1", r"optim\.label_smoothing=1\.0 is invalid: must be in \[0, 1\)"),
+    ("trainer.eval_every=0", r"trainer\.eval_every=0 is invalid: must be >= 1"),
     ("schedule.gamma=-0.1", r"schedule\.gamma=-0\.1 is invalid: must be in \(0, 1\]"),
     ("schedule.min_lr_factor=-1", r"schedule\.min_lr_factor=-1\.0 is invalid"),
     ("schedule.warmup_start_factor=0", r"schedule\.warmup_start_factor=0\.0 is invalid"),
@@ -244,6 +248,19 @@ def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(ti
 def test_out_of_range_values_and_unknown_keys_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):
         validate(compose_config([override]))
+
+
+def test_every_bounded_key_is_a_key_of_the_config_and_its_ends_are_as_the_text_says():
+    """A renamed key would never be checked: each must select a value of the default config (or a group's)."""
+    from normlab.validation import RANGES
+
+    groups = {"norm": ["norm=brn"], "data": ["data=synthetic"]}
+    for key, bounds in RANGES.items():
+        cfg = compose_config(groups.get(key.split(".")[0], []) if key.count(".") else [])
+        assert OmegaConf.select(cfg, key, default="absent") != "absent", key
+        low_in, high_in = not bounds.open_low, not bounds.open_high
+        assert bounds.admits(bounds.low) is low_in and bounds.admits(bounds.high) is (high_in and bounds.high < INF), key
+        assert not bounds.admits(float("nan")) and not bounds.admits(bounds.low - 1), key
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -27,6 +27,7 @@ from torch import nn
 from normlab.data.device_loader import DeviceLoader, Normalize
 from normlab.data.stream_loader import StreamLoader
 from normlab.engine import dist
+from normlab.protocol import effective
 from normlab.validation import check_world
 from normlab.errors import ConfigError
 from normlab.norms import PerWorkerBatchNorm2d, SyncBatchNorm2d, to_process_local_bn
@@ -103,18 +104,22 @@ def test_ranks_check_for_a_signal_every_eighth_step_and_at_an_epochs_last(monkey
     assert len(asked) == 4  # the collective runs only at those steps, on every rank alike
 
 
+def planned(cfg):
+    return cfg, effective(cfg)
+
+
 def test_workers_must_split_among_the_ranks(tiny):
-    check_world(tiny("batch.workers=4"), dist.World(0, 2))
+    check_world(*planned(tiny("batch.workers=4")), dist.World(0, 2))
     with pytest.raises(ConfigError, match=r"batch.workers: W=3 workers cannot be split among the job's 2 processes"):
-        check_world(tiny("batch.workers=3"), dist.World(0, 2))
+        check_world(*planned(tiny("batch.workers=3")), dist.World(0, 2))
     with pytest.raises(ConfigError, match=r"batch.total: W=3"):
-        check_world(tiny("batch.workers=null", "batch.total=12"), dist.World(1, 2))
+        check_world(*planned(tiny("batch.workers=null", "batch.total=12")), dist.World(1, 2))
     with pytest.raises(ConfigError, match="trainer.cuda_graph=true is invalid for a job on 2 processes"):
-        check_world(tiny("trainer.cuda_graph=true"), dist.World(0, 2))
+        check_world(*planned(tiny("trainer.cuda_graph=true")), dist.World(0, 2))
     cfg = tiny()
     cfg.trainer.device = "cuda:1"  # set after composing: validate would refuse it on a machine without CUDA
     with pytest.raises(ConfigError, match="trainer.device=cuda:1 names one GPU for all 2 processes"):
-        check_world(cfg, dist.World(0, 2))
+        check_world(*planned(cfg), dist.World(0, 2))
 
 
 # ---------------------------------------------------------------- each rank's share of the data

@@ -38,7 +38,6 @@ class Loaders:
     train: object  # DeviceLoader or StreamLoader: .epoch(k), len(), .num_samples
     test: object
     shape: DataShape
-    classes: list[str]
 
 
 def resolve(settings: DataConfig) -> DataSpec:
@@ -97,7 +96,7 @@ def build(data: DataSpec, batch_size: int, device: torch.device, *, seed: int, c
                             seed=seed, shard=shard)
 
     return Loaders(loader(images.train_images, images.train_labels, True),
-                   loader(images.test_images, images.test_labels, False), shape, images.classes)
+                   loader(images.test_images, images.test_labels, False), shape)
 
 
 def _streamed(data: DataSpec, batch_size: int, device: torch.device, seed: int, channels_last: bool,
@@ -109,7 +108,7 @@ def _streamed(data: DataSpec, batch_size: int, device: torch.device, seed: int, 
     common = dict(device=device, normalize=normalize, seed=seed, workers=data.settings.loader_workers, shard=shard)
     return Loaders(StreamLoader(selection, "train", batch_size, train=True, **common),
                    StreamLoader(selection, selection.test_split, data.settings.eval_batch, train=False, **common),
-                   data.shape, selection.classes)
+                   data.shape)
 
 
 __all__ = ["SOURCES", "DataShape", "DataSpec", "DeviceLoader", "Loaders", "build", "resolve"]

@@ -208,8 +208,7 @@ def cache_path(settings: DataConfig, selection: Selection) -> Path:
 
 
 class ImageFolderSource:
-    def describe(self, settings: DataConfig) -> DataShape:
-        return select(settings).shape()
+    """Its shape comes from its ``Selection`` (``select``), which ``data.resolve`` keeps for the loaders."""
 
     def load(self, settings: DataConfig, selection: Selection | None = None) -> ImageSet:
         """Decode every selected image once (`selection`: the files resolved already); later runs read the

@@ -1,8 +1,9 @@
 """Data sources by name: each describes its shape without reading data, and loads uint8 tensors.
 
 ``describe`` is cheap and runs in ``validate``: it checks the source's settings and that its files
-exist, so bad input fails before any work. ``load`` returns the whole set as uint8 (N, C, H, W)
-tensors; the device loader does the rest.
+exist, so bad input fails before any work (an image folder is listed instead: ``imagefolder.select``,
+whose selection the loaders reuse). ``load`` returns the whole set as uint8 (N, C, H, W) tensors; the
+device loader does the rest.
 """
 
 from __future__ import annotations
