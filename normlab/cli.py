@@ -22,7 +22,7 @@ from normlab.analysis.collect import collect
 from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.reading import ReadingError, choose, find_reading
 from normlab.analysis.report import build_report
-from normlab.records import WRITE_FAILED_EXIT, WriteFailed
+from normlab.records import CONFIG, METRICS, SUMMARY, WRITE_FAILED_EXIT, WriteFailed
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not os.path.isdir(blocking):  # else a write into it fails, read as a disk error (exit 74)
         where = "" if blocking == args.out else f" cannot be made: {str(blocking)!r}"
         parser.error(f"--out {str(args.out)!r}{where} is a file, not a folder; give a folder (it is made if missing)")
+    if any((args.out / name).exists() for name in (SUMMARY, METRICS, CONFIG)):  # its files would sit among a run's
+        parser.error(f"--out {str(args.out)!r} is a run's folder (it holds {SUMMARY}, {METRICS} or {CONFIG}); "
+                     "give a folder of its own, such as its report/")
     return args
 
 

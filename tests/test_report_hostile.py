@@ -241,3 +241,28 @@ def test_runs_with_one_run_per_seed_get_no_such_note(tmp_path):
     fake_run(tmp_path, "bn32-16ep", "bn", 32, 0, 9.0, epochs_planned=16)  # another budget: another cell
     assert report_main([str(tmp_path)]) == 0
     assert "share a cell and a seed" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_cell_whose_runs_differ_in_model_data_or_lr_is_named_and_alike_runs_are_not(tmp_path, caplog):
+    fake_run(tmp_path / "a", "bn32s0", "bn", 32, 0, 10.0)
+    fake_run(tmp_path / "b", "bn32s1", "bn", 32, 1, 30.0, model="resnet8", lr=0.2)  # another experiment's run
+    fake_run(tmp_path / "a", "gn32s0", "gn", 32, 0, 11.0, dataset=None)  # unrecorded: not a difference
+    fake_run(tmp_path / "b", "gn32s1", "gn", 32, 1, 12.0, dataset="digits")
+    with caplog.at_level(logging.WARNING, logger="normlab.report"):
+        assert report_main([str(tmp_path)]) == 0
+    notes = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if "averages runs" in line]
+    assert len(notes) == 1, notes
+    assert "BN, N=32" in notes[0] and "model resnet20 / resnet8 (1 / 1 runs)" in notes[0]
+    assert "lr 0.1 / 0.2 (1 / 1 runs)" in notes[0]
+    assert any("averages runs that differ" in r.getMessage() for r in caplog.records)
+
+
+def test_out_that_is_a_run_folder_is_refused_before_anything_is_written(tmp_path, capsys):
+    run = fake_run(tmp_path, "bn32", "bn", 32, 0, 10.0)
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(SystemExit) as exit_:
+        report_main([str(tmp_path), "--out", str(run)])
+    assert exit_.value.code == 2
+    assert f"--out {str(run)!r} is a run's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert report_main([str(run)]) == 0 and (run / "report" / "runs.csv").is_file()  # the default: its report/

@@ -22,22 +22,50 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[(runs["status"] == "done") & runs["per_worker_batch"].notna()]
 
 
+CELL = ["protocol", "epochs_planned", "norm", "groups", "group_size", "per_worker_batch"]  # a table cell's keys
+# What every run of one cell must share beyond its keys, or the cell averages unlike runs (two models, say)
+ALIKE = ["model", "dataset", "data", "total_batch", "lr", "train_size"]
+
+
+def _setting(key: tuple, seed=False) -> str:
+    """A cell (and a seed) in words: "GN G=8, N=32, seed 0, fixed_total protocol, 40 epochs"."""
+    protocol, epochs, norm, groups, group_size, n, *rest = (None if pd.isna(v) else v for v in key)
+    setting = ["norm unrecorded" if norm is None else norm_label(norm), f"N={n}"]
+    setting += [f"seed {'unrecorded' if rest[0] is None else rest[0]}"] if seed else []
+    setting += [f"{protocol or PAPER} protocol"] + [f"{epochs} epochs"] * (epochs is not None)
+    setting[0] += (f" G={groups}" if groups is not None else "") + (
+        f" with {group_size} channels per group" if group_size is not None else "")
+    return ", ".join(setting)
+
+
+def _folders(group: pd.DataFrame) -> list[str]:
+    folders = group["run_dir"] if "run_dir" in group else pd.Series(pd.NA, index=group.index)
+    return [d if isinstance(d, str) else "a row with no run_dir" for d in folders]
+
+
 def shared_seeds(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
     """(the setting, the run folders) of each table cell whose finished runs share a seed: copies from two sweeps or
     experiments collected together, which the cell averages as one seed."""
-    keys = ["protocol", "epochs_planned", "norm", "groups", "group_size", "per_worker_batch", "seed"]
-    done = finished(runs)
+    return [(_setting(key, seed=True), _folders(group))
+            for key, group in finished(runs).groupby([*CELL, "seed"], dropna=False) if len(group) > 1]
+
+
+def mixed_cells(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """(the setting, what differs) of each table cell whose finished runs differ in what ``ALIKE`` names: runs of
+    two models, data sets or learning rates collected together, which the cell would average as seeds of one
+    setting. A value a run did not record is not a difference."""
     found = []
-    for key, group in done.groupby(keys, dropna=False):
-        if len(group) > 1:
-            protocol, epochs, norm, groups, group_size, n, seed = (None if pd.isna(v) else v for v in key)
-            setting = ["norm unrecorded" if norm is None else norm_label(norm), f"N={n}",
-                       f"seed {'unrecorded' if seed is None else seed}", f"{protocol or PAPER} protocol"]
-            setting[0] += (f" G={groups}" if groups is not None else "") + (
-                f" with {group_size} channels per group" if group_size is not None else "")
-            setting += [f"{epochs} epochs"] * (epochs is not None)
-            folders = group["run_dir"] if "run_dir" in group else pd.Series(pd.NA, index=group.index)
-            found.append((", ".join(setting), [d if isinstance(d, str) else "a row with no run_dir" for d in folders]))
+    for key, group in finished(runs).groupby(CELL, dropna=False):
+        differs = []
+        for column in (c for c in ALIKE if c in group):
+            values = group[column].dropna()
+            values = values.map(lambda v: float(f"{v:.12g}")) if column == "lr" else values.astype("string")
+            if values.nunique() > 1:
+                counts = values.value_counts().sort_index()
+                differs.append(f"{column} " + " / ".join(f"{v:g}" if column == "lr" else f"{v}" for v in counts.index)
+                               + f" ({' / '.join(map(str, counts))} runs)")
+        if differs:
+            found.append((_setting(key), differs))
     return found
 
 

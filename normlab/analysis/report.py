@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from normlab.analysis import bn_eval, figures, regime, tables
-from normlab.analysis.cells import Cells, shared_seeds
+from normlab.analysis.cells import Cells, mixed_cells, shared_seeds
 from normlab.analysis.claims import findings, findings_markdown, sanity, sanity_markdown
 from normlab.analysis.collect import collect_curves, write_runs
 from normlab.analysis.html_page import to_html
@@ -62,15 +62,20 @@ def one_line(value) -> str:
     return " ".join(str(value).replace("|", "/").split())
 
 
-def shared_seeds_markdown(runs: pd.DataFrame) -> str:
-    """A note per table cell whose finished runs share a seed (copies from another sweep, say), also logged: the
-    cell averages them as one seed, so its seed count and interval overstate what they show."""
+def beware_markdown(runs: pd.DataFrame) -> str:
+    """A note per table cell that averages what it should not, also logged: finished runs that share a seed
+    (copies from another sweep: the seed count and interval overstate what they show), or that differ in model,
+    data or lr (runs of other experiments collected together)."""
     notes = []
     for setting, run_dirs in shared_seeds(runs):
         log.warning("%d finished runs share a cell and a seed (%s), averaged as one seed: %s", len(run_dirs),
                     setting, ", ".join(run_dirs))
         notes.append(f"**Beware**: {len(run_dirs)} finished runs share a cell and a seed ({one_line(setting)}): the "
                      f"cell averages them as one seed. Runs: {one_line(', '.join(run_dirs))}.\n")
+    for setting, differs in mixed_cells(runs):
+        log.warning("the cell %s averages runs that differ: %s", setting, "; ".join(differs))
+        notes.append(f"**Beware**: the cell {one_line(setting)} averages runs that differ in {one_line('; '.join(differs))}"
+                     ": report them apart (one folder or runs.csv each).\n")
     return "\n".join(notes)
 
 
@@ -96,8 +101,8 @@ def build_report(runs: pd.DataFrame, out: Path, metric: str | None = None, sourc
         written["tables"].append(out / name)
 
     note = "named by the study's reading file, for runs that predate the dataset column" if reading.dataset else None
-    shared = shared_seeds_markdown(runs)
-    sections = [("How these runs are read", reading_markdown(reading) + ("\n" + shared if shared else "")),
+    beware = beware_markdown(runs)
+    sections = [("How these runs are read", reading_markdown(reading) + ("\n" + beware if beware else "")),
                 ("Provenance", provenance_markdown(runs, note))]
     curve_sections = []
     found = tables.protocols(runs) or ["paper"]
