@@ -254,9 +254,10 @@ def test_every_bounded_key_is_a_key_of_the_config_and_its_ends_are_as_the_text_s
     """A renamed key would never be checked: each must select a value of the default config (or a group's)."""
     from normlab.validation import RANGES
 
-    groups = {"norm": ["norm=brn"], "data": ["data=synthetic"]}
+    configs = {group: compose_config(overrides) for group, overrides in
+               {"norm": ["norm=brn"], "data": ["data=synthetic"], "": []}.items()}
     for key, bounds in RANGES.items():
-        cfg = compose_config(groups.get(key.split(".")[0], []) if key.count(".") else [])
+        cfg = configs.get(key.split(".")[0], configs[""])
         assert OmegaConf.select(cfg, key, default="absent") != "absent", key
         low_in, high_in = not bounds.open_low, not bounds.open_high
         assert bounds.admits(bounds.low) is low_in and bounds.admits(bounds.high) is (high_in and bounds.high < INF), key

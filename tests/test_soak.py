@@ -66,11 +66,13 @@ LAUNCHERS = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_
 
 def soak_sweep(sweep_dir: Path, launcher: str) -> subprocess.Popen:
     """The sweep over the jobs not yet done (as a rerun script would start it; its folders are the same).
-    Without the progress callback, whose check of every job up front would cost more than the jobs here."""
+    Without the progress callback, whose check of every job up front would cost more than the jobs here; in
+    batches of 10, since Hydra composes every job of a batch before it launches the first, and a sweep here is
+    killed a job or two after each start."""
     done = {json.loads(text)["seed"] for text in done_summaries(sweep_dir).values()}
     seeds = ",".join(str(seed) for seed in range(SOAK_JOBS) if seed not in done) or "0"
     command = [sys.executable, "-m", "normlab.train", "-m", *SOAK_JOB, *LAUNCHERS[launcher], f"seed={seeds}",
-               f"hydra.sweep.dir={sweep_dir}", "~hydra.callbacks.sweep_progress"]
+               f"hydra.sweep.dir={sweep_dir}", "~hydra.callbacks.sweep_progress", "hydra.sweeper.max_batch_size=10"]
     return subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
