@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not os.path.isdir(blocking):  # else a write into it fails, read as a disk error (exit 74)
         where = "" if blocking == args.out else f" cannot be made: {str(blocking)!r}"
         parser.error(f"--out {str(args.out)!r}{where} is a file, not a folder; give a folder (it is made if missing)")
-    if any((args.out / name).exists() for name in (SUMMARY, METRICS, CONFIG)):  # its files would sit among a run's
+    if any(os.path.lexists(args.out / name) for name in (SUMMARY, METRICS, CONFIG)):  # its files would sit among a run's
         parser.error(f"--out {str(args.out)!r} is a run's folder (it holds {SUMMARY}, {METRICS} or {CONFIG}); "
                      "give a folder of its own, such as its report/")
     return args

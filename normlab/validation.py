@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,10 @@ class Bounds:
     open_high: bool = False
 
     def admits(self, value: Any) -> bool:
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:  # an integer too large for a float (10**400) is out of every range, not an OverflowError
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return False
+        except OverflowError:
             return False
         above = value > self.low if self.open_low else value >= self.low
         below = value < self.high if self.open_high else value <= self.high
@@ -103,8 +107,12 @@ RANGES: dict[str, Bounds] = {
 def _check_ranges(cfg: DictConfig) -> None:
     for key, bounds in RANGES.items():
         value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and not isinstance(value, bool):
-            _check(bounds.admits(value), key, value, bounds.valid)
+        if value is None or isinstance(value, bool) or bounds.admits(value):
+            continue
+        if isinstance(value, int) and abs(value) > 2**53:  # Hydra takes integers of any size; shown cut short
+            raise ConfigError(f"{key}={reprlib.repr(value)} is invalid: too large for any setting "
+                              f"(above 2^53); {bounds.valid}")
+        _check(False, key, value, bounds.valid)
 
 
 def _check_known_keys(cfg: DictConfig) -> None:

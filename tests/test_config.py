@@ -227,6 +227,7 @@ def test_cuda_graph_refuses_a_norm_that_reads_the_host_and_auto_leaves_it_off(ti
     ("optim.momentum=1", r"optim\.momentum=1\.0 is invalid: must be in \[0, 1\)"),  # the open end
     ("optim.label_smoothing=1", r"optim\.label_smoothing=1\.0 is invalid: must be in \[0, 1\)"),
     ("trainer.eval_every=0", r"trainer\.eval_every=0 is invalid: must be >= 1"),
+    ("trainer.epochs=1" + "0" * 400, r"trainer\.epochs=10+\.\.\.0+ is invalid: too large .*; need at least 1 epoch"),
     ("schedule.gamma=-0.1", r"schedule\.gamma=-0\.1 is invalid: must be in \(0, 1\]"),
     ("schedule.min_lr_factor=-1", r"schedule\.min_lr_factor=-1\.0 is invalid"),
     ("schedule.warmup_start_factor=0", r"schedule\.warmup_start_factor=0\.0 is invalid"),

@@ -62,7 +62,7 @@ def mixed_cells(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
             values = values.map(lambda v: float(f"{v:.12g}")) if column == "lr" else values.astype("string")
             if values.nunique() > 1:
                 counts = values.value_counts().sort_index()
-                differs.append(f"{column} " + " / ".join(f"{v:g}" if column == "lr" else f"{v}" for v in counts.index)
+                differs.append(f"{column} " + " / ".join(f"{v:.12g}" if column == "lr" else f"{v}" for v in counts.index)
                                + f" ({' / '.join(map(str, counts))} runs)")
         if differs:
             found.append((_setting(key), differs))
