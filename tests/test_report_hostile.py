@@ -3,6 +3,7 @@ report (its run is listed invalid or unreadable, saying why), and a flag that ca
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from normlab.analysis.collect import collect
 from normlab.analysis.report import build_report
 from normlab.analysis.untrusted import file_token
 from normlab.cli import main as report_main
+from tests.conftest import REPO
 from tests.test_report import fake_run
 
 GOOD_TABLE_ROW = "| BN | 10.0 | 1 |"  # the good run alone is averaged
@@ -266,3 +269,33 @@ def test_out_that_is_a_run_folder_is_refused_before_anything_is_written(tmp_path
     assert f"--out {str(run)!r} is a run's folder" in capsys.readouterr().err
     assert sorted(p.name for p in run.iterdir()) == before
     assert report_main([str(run)]) == 0 and (run / "report" / "runs.csv").is_file()  # the default: its report/
+
+
+def test_a_cell_whose_run_configs_differ_in_a_setting_names_it_and_not_where_or_how_they_ran(tmp_path):
+    for seed, decay, device in ((0, 1e-4, "cpu"), (1, 5e-4, "cuda")):
+        run = fake_run(tmp_path, f"bn32s{seed}", "bn", 32, seed, 10.0 + seed)
+        (run / "config.yaml").write_text(yaml.safe_dump({"name": f"sweep{seed}", "seed": seed, "optim": {
+            "weight_decay": decay}, "trainer": {"device": device, "threads": seed + 1}}))
+    hostile = fake_run(tmp_path, "gn32s0", "gn", 32, 0, 11.0)
+    (hostile / "config.yaml").write_text("[" * 5000)  # unreadable: no difference, no traceback
+    deep = fake_run(tmp_path, "gn32s1", "gn", 32, 1, 12.0)
+    (deep / "config.yaml").write_text(yaml.safe_dump(functools.reduce(lambda inner, _: {"a": inner}, range(50), 1)))
+    assert report_main([str(tmp_path)]) == 0
+    notes = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines() if "averages runs" in line]
+    assert len(notes) == 1 and "BN, N=32" in notes[0], notes
+    assert "optim.weight_decay 0.0001 / 0.0005" in notes[0]
+    assert "seed" not in notes[0].split("differ in", 1)[1] and "device" not in notes[0] and "threads" not in notes[0]
+
+
+def test_two_seeds_of_a_published_study_differ_in_no_setting():
+    from normlab.analysis.collect import setting_differences
+
+    runs = REPO / "results" / "reference" / "cifar10_resnet20" / "runs"
+    by_setting: dict[str, list[str]] = {}
+    for config in sorted(runs.glob("*/config.yaml")):
+        by_setting.setdefault(config.parent.name.replace("seed=1", "seed=0"), []).append(str(config.parent))
+    pairs = [folders for folders in by_setting.values() if len(folders) == 2]
+    assert len(pairs) == 12  # 3 settings × 4 budgets, seeds 0 and 1
+    for folders in pairs:
+        assert setting_differences(folders) == [], folders
+    assert setting_differences([pairs[0][0], pairs[1][0]])  # runs of two cells do differ

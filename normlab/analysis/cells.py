@@ -9,6 +9,8 @@ order, so differences across N are unpaired.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pandas as pd
 
 from normlab.analysis.intervals import Estimate, binomial_floor, difference, estimate
@@ -50,20 +52,24 @@ def shared_seeds(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
             for key, group in finished(runs).groupby([*CELL, "seed"], dropna=False) if len(group) > 1]
 
 
-def mixed_cells(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
-    """(the setting, what differs) of each table cell whose finished runs differ in what ``ALIKE`` names: runs of
+def mixed_cells(runs: pd.DataFrame, settings: Callable[[list[str]], list[str]] | None = None
+                ) -> list[tuple[str, list[str]]]:
+    """(the setting, what differs) of each table cell whose finished runs differ in what ``ALIKE`` names (runs of
     two models, data sets or learning rates collected together, which the cell would average as seeds of one
-    setting. A value a run did not record is not a difference."""
+    setting) or, given `settings` (the run folders' differing config keys: ``collect.setting_differences``), in
+    any other setting of their configs (a swept weight decay). A value a run did not record is not a difference."""
     found = []
     for key, group in finished(runs).groupby(CELL, dropna=False):
-        differs = []
+        folders = [d for d in group["run_dir"] if isinstance(d, str)] if "run_dir" in group else []
+        differs = [d for d in (settings(folders) if settings is not None and len(folders) > 1 else [])
+                   if d.split(" ", 1)[0] not in ("model.name", "data.name")]  # said by the columns below
         for column in (c for c in ALIKE if c in group):
             values = group[column].dropna()
             values = values.map(lambda v: float(f"{v:.12g}")) if column == "lr" else values.astype("string")
             if values.nunique() > 1:
                 counts = values.value_counts().sort_index()
-                differs.append(f"{column} " + " / ".join(f"{v:.12g}" if column == "lr" else f"{v}" for v in counts.index)
-                               + f" ({' / '.join(map(str, counts))} runs)")
+                shown = " / ".join(f"{v:.12g}" if column == "lr" else f"{v}" for v in counts.index)
+                differs.append(f"{column} {shown} ({' / '.join(map(str, counts))} runs)")
         if differs:
             found.append((_setting(key), differs))
     return found

@@ -71,6 +71,44 @@ def _read_config(run: RunDir) -> dict[str, Any] | None:
         return None
 
 
+# Keys that say where and how a job ran, not what it trained: two runs of one setting may differ in them
+NOT_SETTINGS = ("name", "seed", "trainer.device", "trainer.threads", "trainer.progress", "trainer.force",
+                "trainer.checkpoint", "logger", "data.root", "data.download", "data.cache_dir", "data.max_image_pixels")
+SETTING_DEPTH = 6  # a config nested deeper than any normlab writes is compared no further
+
+
+def settings_of(config: Any) -> dict[str, str]:
+    """A config.yaml's settings as dotted keys and their values' text (cut short), NOT_SETTINGS left out."""
+    found: dict[str, str] = {}
+    stack = [("", config, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        if isinstance(node, dict) and depth < SETTING_DEPTH:
+            stack += [(f"{prefix}{key}.", value, depth + 1) for key, value in node.items()]
+        elif prefix and not any(prefix[:-1] == k or prefix.startswith(f"{k}.") for k in NOT_SETTINGS):
+            found[prefix[:-1]] = shown(node)
+    return found
+
+
+def setting_differences(run_dirs: Iterable[str]) -> list[str]:
+    """The settings in which these runs' config.yaml files differ, each as "key a / b" ("optim.weight_decay
+    0.0001 / 0.0005"). A run whose config cannot be read, and a key a run's config does not have (one written
+    before the key existed), are no difference."""
+    configs = []
+    for path in run_dirs:
+        try:
+            configs.append(settings_of(read_yaml(RunDir(Path(path)).config)))
+        except READ_ERRORS:
+            continue
+    keys = sorted({key for config in configs for key in config})
+    differing = []
+    for key in keys:
+        values = sorted({config[key] for config in configs if key in config})
+        if len(values) > 1:
+            differing.append(f"{key} {' / '.join(values[:4])}{' / …' if len(values) > 4 else ''}")
+    return differing
+
+
 def config_problem(config: Any) -> str | None:
     """Why protocol.identity cannot read this config safely (None: it can): a batch size or lr that is not a
     number, or so large that its divisors would take long to list."""

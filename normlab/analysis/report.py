@@ -16,7 +16,7 @@ import pandas as pd
 from normlab.analysis import bn_eval, figures, regime, tables
 from normlab.analysis.cells import Cells, mixed_cells, shared_seeds
 from normlab.analysis.claims import findings, findings_markdown, sanity, sanity_markdown
-from normlab.analysis.collect import collect_curves, write_runs
+from normlab.analysis.collect import collect_curves, setting_differences, write_runs
 from normlab.analysis.html_page import to_html
 from normlab.analysis.metrics_info import METRICS, norm_label, norm_sort_key, protocol_label, with_sign
 from normlab.analysis.provenance import provenance_markdown
@@ -72,7 +72,7 @@ def beware_markdown(runs: pd.DataFrame) -> str:
                     setting, ", ".join(run_dirs))
         notes.append(f"**Beware**: {len(run_dirs)} finished runs share a cell and a seed ({one_line(setting)}): the "
                      f"cell averages them as one seed. Runs: {one_line(', '.join(run_dirs))}.\n")
-    for setting, differs in mixed_cells(runs):
+    for setting, differs in mixed_cells(runs, setting_differences):
         log.warning("the cell %s averages runs that differ: %s", setting, "; ".join(differs))
         notes.append(f"**Beware**: the cell {one_line(setting)} averages runs that differ in {one_line('; '.join(differs))}"
                      ": report them apart (one folder or runs.csv each).\n")
