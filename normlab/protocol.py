@@ -36,6 +36,25 @@ class BatchPlan:
     protocol: str  # PAPER or FIXED_TOTAL
 
 
+# Config keys that change how a job runs or reports, not what it trains: a run may be picked up again with others
+# (engine/rerun.py), and two runs that differ only in them are runs of one setting (the report). The keys that
+# conf/train.yaml leaves out of run folder names must be among them (tested).
+RUNTIME_KEYS = ("name", "logger", "experiment", "trainer.threads", "trainer.force", "trainer.progress",
+                "trainer.checkpoint", "trainer.device", "data.root", "data.download", "data.cache_dir",
+                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb", "data.max_image_pixels")
+
+
+def is_runtime_key(key: str) -> bool:
+    return any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as {dotted key: leaf value}."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+
+
 def divisors(total: int) -> list[int]:
     return [n for n in range(1, total + 1) if total % n == 0]
 

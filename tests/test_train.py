@@ -126,7 +126,7 @@ def test_keys_left_out_of_run_folder_names_are_runtime_keys():
     """Runs that differ only in those keys share a folder, so they must be able to pick each other up."""
     from omegaconf import OmegaConf
 
-    from normlab.engine.rerun import is_runtime_key
+    from normlab.protocol import is_runtime_key
 
     excluded = OmegaConf.load(REPO / "conf" / "train.yaml").hydra.job.config.override_dirname.exclude_keys
     config_keys = [key for key in excluded if not key.startswith("hydra.")]

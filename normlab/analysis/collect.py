@@ -23,7 +23,7 @@ from normlab.analysis.metrics_info import RUN_METRICS
 from normlab.analysis.reading import evaluations_at_final_lr
 from normlab.analysis.untrusted import (COUNT, INDEX, PERCENT, REAL, Range, finite_number, is_missing, is_name,
                                         shown)
-from normlab.protocol import FIXED_TOTAL, PAPER, identity
+from normlab.protocol import FIXED_TOTAL, PAPER, flatten, identity, is_runtime_key
 from normlab.records import (CONFIG, METRIC_KEYS, METRICS, READ_ERRORS, SUMMARY, RunDir, read_metrics, read_yaml,
                              unreadable_reason)
 
@@ -71,35 +71,18 @@ def _read_config(run: RunDir) -> dict[str, Any] | None:
         return None
 
 
-# Keys that say where and how a job ran, not what it trained: two runs of one setting may differ in them
-NOT_SETTINGS = ("name", "seed", "trainer.device", "trainer.threads", "trainer.progress", "trainer.force",
-                "trainer.checkpoint", "logger", "data.root", "data.download", "data.cache_dir", "data.max_image_pixels")
-SETTING_DEPTH = 6  # a config nested deeper than any normlab writes is compared no further
-
-
-def settings_of(config: Any) -> dict[str, str]:
-    """A config.yaml's settings as dotted keys and their values' text (cut short), NOT_SETTINGS left out."""
-    found: dict[str, str] = {}
-    stack = [("", config, 0)]
-    while stack:
-        prefix, node, depth = stack.pop()
-        if isinstance(node, dict) and depth < SETTING_DEPTH:
-            stack += [(f"{prefix}{key}.", value, depth + 1) for key, value in node.items()]
-        elif prefix and not any(prefix[:-1] == k or prefix.startswith(f"{k}.") for k in NOT_SETTINGS):
-            found[prefix[:-1]] = shown(node)
-    return found
-
-
 def setting_differences(run_dirs: Iterable[str]) -> list[str]:
     """The settings in which these runs' config.yaml files differ, each as "key a / b" ("optim.weight_decay
     0.0001 / 0.0005"). A run whose config cannot be read, and a key a run's config does not have (one written
     before the key existed), are no difference."""
     configs = []
     for path in run_dirs:
-        try:
-            configs.append(settings_of(read_yaml(RunDir(Path(path)).config)))
+        try:  # a config nested past Python's recursion limit is unreadable (RecursionError)
+            config = flatten(read_yaml(RunDir(Path(path)).config))
         except READ_ERRORS:
             continue
+        configs.append({key: shown(value) for key, value in config.items()
+                        if key and key != "seed" and not is_runtime_key(key)})  # "": a config that is no mapping
     keys = sorted({key for config in configs for key in config})
     differing = []
     for key in keys:

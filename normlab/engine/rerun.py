@@ -11,29 +11,12 @@ import logging
 from typing import Any
 
 from normlab.errors import ConfigError
+from normlab.protocol import flatten, is_runtime_key
 from normlab.records import RunDir, read_metrics, read_yaml
 from normlab.run_spec import RunSpec
 from normlab.settings import schema_defaults
 
 log = logging.getLogger("normlab")
-
-# Keys that change how a job runs or reports, not what it trains: a run may be picked up again with others.
-# The keys that conf/train.yaml leaves out of run folder names must be among them (tested).
-RUNTIME_KEYS = ("name", "logger", "experiment", "trainer.threads", "trainer.force", "trainer.progress",
-                "trainer.checkpoint", "trainer.device", "data.root", "data.download", "data.cache_dir",
-                "data.loader_workers", "data.eval_batch", "data.in_memory_max_gb", "data.max_image_pixels")
-
-
-def is_runtime_key(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RUNTIME_KEYS)
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as {dotted key: leaf value}."""
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-
 
 def changed_keys(saved: dict, current: dict, defaults: dict | None = None) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, current value) wherever two resolved configs differ, runtime keys aside.
